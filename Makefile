@@ -1,0 +1,40 @@
+# Tianping: two commands. `make demo` runs the main job; `make test` runs the tests.
+# Both bootstrap what they need: a virtual environment in .venv with the project and its
+# extras, and the Debian packages the real peers come from (mosquitto).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := mosquitto
+PYTEST_ARGS ?=
+
+.PHONY: all demo test lint typecheck deps venv clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@echo "== setting up $(VENV) (Python virtual environment with tianping[dev])"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages for the real peers. Installed only when missing; says what it installs.
+deps:
+	@bash scripts/ensure-debs.sh $(DEB_PACKAGES)
+
+demo: venv deps
+	@$(PY) -m simulator.demo
+
+test: venv deps
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/mypy protocol connectors agent verifier simulator
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,2 @@
+"""Connectors: one sub-package per source. Each observes and returns typed observations;
+none signs, stores or sends anything."""
