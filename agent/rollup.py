@@ -1,0 +1,252 @@
+"""Merging what the connectors saw into physical devices, and rolling rounds up into one report period.
+
+One device seen through several protocols counts once: every observation contributes the identity keys it
+knows (its own identity, plus manufacturer + model + serial number and ProductInstanceUri from its evidence),
+keys that occur together are joined (union-find), and each joined group is one device. The fingerprint is taken
+from manufacturer + model + serial number when known (the identity every protocol can carry, so two agents
+seeing the same device through different protocols still collide), else from the strongest identity; the other
+keys travel as aliases. Raw identities never leave this module: only keyed fingerprints do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from connectors.base import (
+    OP_CREATE,
+    RC_SUCCESS,
+    DeviceIdentity,
+    DeviceObservation,
+    DeviceStatus,
+    ResolutionBatch,
+)
+from protocol.fingerprint import device_fingerprint
+from protocol.report import ConnectorStatus, DeviceEntry, EvidenceSample, ResolutionCount, ResolutionSummary
+
+# Evidence keys that carry raw identity: used for merging, never sent.
+IDENTITY_EVIDENCE_KEYS = frozenset({"manufacturer", "model", "serial", "product_instance_uri"})
+_STATUS_NAME = {
+    DeviceStatus.REGISTERED: "registered",
+    DeviceStatus.REACHABLE: "reachable",
+    DeviceStatus.ACTIVE: "active",
+}
+
+
+def identity_keys(obs: DeviceObservation) -> list[DeviceIdentity]:
+    """Every identity an observation carries, its own first."""
+    found = [obs.identity]
+    ev = obs.evidence
+    m, mo, s = (str(ev.get(k, "") or "") for k in ("manufacturer", "model", "serial"))
+    if m.strip() and mo.strip() and s.strip():
+        found.append(DeviceIdentity.manufacturer_model_serial(m, mo, s))
+    uri = str(ev.get("product_instance_uri", "") or "")
+    if uri.strip():
+        found.append(DeviceIdentity.product_instance_uri(uri))
+    return found
+
+
+def _primary(ids: Iterable[DeviceIdentity]) -> DeviceIdentity:
+    by_scheme = {i.scheme: i for i in sorted(ids, key=lambda i: i.key())}
+    for scheme in ("msn", "uri", "local"):
+        if scheme in by_scheme:
+            return by_scheme[scheme]
+    raise ValueError("a device group without identities")  # unreachable: every observation has one
+
+
+@dataclass(slots=True)
+class MergedDevice:
+    """One physical device in one round."""
+
+    primary: DeviceIdentity
+    aliases: tuple[DeviceIdentity, ...]
+    observations: tuple[DeviceObservation, ...]
+
+    @property
+    def status(self) -> DeviceStatus:
+        return max(o.status for o in self.observations)
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        return tuple(sorted({o.protocol for o in self.observations}))
+
+    @property
+    def enterprise(self) -> str | None:
+        named = Counter(o.enterprise for o in self.observations if o.enterprise)
+        return min(named, key=lambda e: (-named[e], e)) if named else None
+
+    @property
+    def enterprise_conflict(self) -> bool:
+        return len({o.enterprise for o in self.observations if o.enterprise}) > 1
+
+
+def merge_observations(observations: Sequence[DeviceObservation]) -> list[MergedDevice]:
+    """Join observations that share any identity key; each group is one physical device."""
+    parent: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    keys_of: list[list[DeviceIdentity]] = []
+    for obs in observations:
+        ids = identity_keys(obs)
+        keys_of.append(ids)
+        root = find(ids[0].key())
+        for other in ids[1:]:
+            r = find(other.key())
+            if r != root:
+                parent[r] = root
+    groups: dict[str, tuple[list[DeviceObservation], dict[str, DeviceIdentity]]] = {}
+    for obs, ids in zip(observations, keys_of, strict=True):
+        bucket = groups.setdefault(find(ids[0].key()), ([], {}))
+        bucket[0].append(obs)
+        for i in ids:
+            bucket[1][i.key()] = i
+    merged = []
+    for obs_list, idents in groups.values():
+        primary = _primary(idents.values())
+        aliases = tuple(i for k, i in sorted(idents.items()) if k != primary.key())
+        merged.append(MergedDevice(primary=primary, aliases=aliases, observations=tuple(obs_list)))
+    merged.sort(key=lambda d: d.primary.key())
+    return merged
+
+
+@dataclass(frozen=True, slots=True)
+class TierCounts:
+    registered: int = 0
+    reachable: int = 0
+    active: int = 0
+
+
+def tier_counts(statuses: Iterable[DeviceStatus]) -> TierCounts:
+    """Counts per tier, each tier including the higher ones (an active device is also reachable and registered)."""
+    c = Counter(statuses)
+    active = c[DeviceStatus.ACTIVE]
+    reachable = active + c[DeviceStatus.REACHABLE]
+    return TierCounts(registered=reachable + c[DeviceStatus.REGISTERED], reachable=reachable, active=active)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanSummary:
+    per_protocol: Mapping[str, TierCounts]
+    union: TierCounts
+    merged_across_protocols: int  # physical devices seen through more than one protocol
+    unmatched: int  # devices known only by a protocol-local identity (no identity another protocol could match)
+    enterprises_active: int
+
+
+def summarize(observations: Sequence[DeviceObservation], merged: Sequence[MergedDevice]) -> ScanSummary:
+    per: dict[str, list[DeviceStatus]] = {}
+    for o in observations:
+        per.setdefault(o.protocol, []).append(o.status)
+    return ScanSummary(
+        per_protocol={p: tier_counts(s) for p, s in sorted(per.items())},
+        union=tier_counts(d.status for d in merged),
+        merged_across_protocols=sum(1 for d in merged if len(d.protocols) > 1),
+        unmatched=sum(1 for d in merged if d.primary.scheme == "local"),
+        enterprises_active=len({d.enterprise for d in merged if d.status == DeviceStatus.ACTIVE and d.enterprise}),
+    )
+
+
+@dataclass(slots=True)
+class _DeviceAcc:
+    aliases: set[str]
+    enterprise: str | None
+    protocols: set[str]
+    status: DeviceStatus
+    first_seen: datetime
+    last_seen: datetime
+    evidence: tuple[str, Mapping[str, object]] | None
+
+
+@dataclass(slots=True)
+class PeriodRollup:
+    """Everything observed since the last report: devices (by fingerprint) and resolution buckets."""
+
+    fingerprint_key: bytes
+    devices: dict[str, _DeviceAcc] = field(default_factory=dict)
+    buckets: Counter[tuple[datetime, int, int, str]] = field(default_factory=Counter)
+    lines_read: int = 0
+    malformed_lines: int = 0
+    new_identifiers: int = 0
+    errors: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+
+    def add_devices(self, merged: Sequence[MergedDevice], *, now: datetime) -> None:
+        for dev in merged:
+            fp = device_fingerprint(self.fingerprint_key, dev.primary.key())
+            aliases = {device_fingerprint(self.fingerprint_key, a.key()) for a in dev.aliases}
+            sample = next(((o.protocol, o.evidence) for o in dev.observations if o.evidence), None)
+            acc = self.devices.get(fp)
+            if acc is None:
+                self.devices[fp] = _DeviceAcc(aliases, dev.enterprise, set(dev.protocols), dev.status, now, now, sample)
+                continue
+            acc.aliases |= aliases
+            acc.enterprise = acc.enterprise or dev.enterprise
+            acc.protocols |= set(dev.protocols)
+            acc.status = max(acc.status, dev.status)
+            acc.last_seen = now
+            acc.evidence = acc.evidence or sample
+
+    def add_resolution(self, batch: ResolutionBatch) -> None:
+        for b in batch.buckets:
+            self.buckets[(b.minute, b.op_code, b.resp_code, b.transport)] += b.count
+            if b.op_code == OP_CREATE and b.resp_code == RC_SUCCESS:
+                self.new_identifiers += b.count
+        self.lines_read += batch.lines_read
+        self.malformed_lines += batch.malformed_lines
+
+    def note_health(self, kind: str, source: str, errors: Mapping[str, int]) -> None:
+        self.errors[(kind, source)] = dict(errors)
+
+    def device_entries(self) -> tuple[DeviceEntry, ...]:
+        return tuple(
+            DeviceEntry(
+                fp=fp,
+                aliases=tuple(sorted(a.aliases - {fp})),
+                enterprise=a.enterprise,
+                protocols=tuple(sorted(a.protocols)),  # type: ignore[arg-type]
+                status=_STATUS_NAME[a.status],  # type: ignore[arg-type]
+                first_seen=a.first_seen,
+                last_seen=a.last_seen,
+            )
+            for fp, a in sorted(self.devices.items())
+        )
+
+    def resolution_summary(self, *, has_source: bool) -> ResolutionSummary | None:
+        if not has_source:
+            return None
+        return ResolutionSummary(
+            lines_read=self.lines_read,
+            malformed_lines=self.malformed_lines,
+            new_identifiers=self.new_identifiers,
+            buckets=tuple(
+                ResolutionCount(minute=m, op=op, resp=rc, transport=t, count=n)
+                for (m, op, rc, t), n in sorted(self.buckets.items())
+            ),
+        )
+
+    def connector_statuses(self) -> tuple[ConnectorStatus, ...]:
+        return tuple(
+            ConnectorStatus(kind=k, source=s[:200], errors={c[:200]: n for c, n in e.items()})
+            for (k, s), e in sorted(self.errors.items())
+        )
+
+    def evidence_samples(self, size: int) -> tuple[EvidenceSample, ...]:
+        """A deterministic sample: the devices whose fingerprints hash lowest (the node cannot pick them)."""
+        ranked = sorted(self.devices, key=lambda fp: hashlib.sha256(bytes.fromhex(fp)).digest())
+        out: list[EvidenceSample] = []
+        for fp in ranked:
+            acc = self.devices[fp]
+            if acc.evidence is None or len(out) >= size:
+                continue
+            proto, ev = acc.evidence
+            data = {k[:200]: str(v)[:2000] for k, v in sorted(ev.items()) if k not in IDENTITY_EVIDENCE_KEYS}
+            if data:
+                out.append(EvidenceSample(fp=fp, protocol=proto, data=data))  # type: ignore[arg-type]
+        return tuple(out)
