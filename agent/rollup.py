@@ -11,6 +11,7 @@ keys travel as aliases. Raw identities never leave this module: only keyed finge
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from connectors.base import (
 )
 from protocol.fingerprint import device_fingerprint
 from protocol.report import ConnectorStatus, DeviceEntry, EvidenceSample, ResolutionCount, ResolutionSummary
+from protocol.uscc import UsccInvalid, validate_uscc
+
+log = logging.getLogger(__name__)
 
 # Evidence keys that carry raw identity: used for merging, never sent.
 IDENTITY_EVIDENCE_KEYS = frozenset({"manufacturer", "model", "serial", "product_instance_uri"})
@@ -177,17 +181,32 @@ class PeriodRollup:
     new_identifiers: int = 0
     errors: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
+    invalid_enterprises: Counter[str] = field(default_factory=Counter)
+
+    def _valid_enterprise(self, code: str | None) -> str | None:
+        """A source that names a malformed USCC does not break the report: the device goes unattributed."""
+        if code is None:
+            return None
+        try:
+            return validate_uscc(code)
+        except UsccInvalid as exc:
+            if not self.invalid_enterprises[code]:
+                log.warning("device attributed to an invalid enterprise code: %s", exc)
+            self.invalid_enterprises[code] += 1
+            return None
+
     def add_devices(self, merged: Sequence[MergedDevice], *, now: datetime) -> None:
         for dev in merged:
+            enterprise = self._valid_enterprise(dev.enterprise)
             fp = device_fingerprint(self.fingerprint_key, dev.primary.key())
             aliases = {device_fingerprint(self.fingerprint_key, a.key()) for a in dev.aliases}
             sample = next(((o.protocol, o.evidence) for o in dev.observations if o.evidence), None)
             acc = self.devices.get(fp)
             if acc is None:
-                self.devices[fp] = _DeviceAcc(aliases, dev.enterprise, set(dev.protocols), dev.status, now, now, sample)
+                self.devices[fp] = _DeviceAcc(aliases, enterprise, set(dev.protocols), dev.status, now, now, sample)
                 continue
             acc.aliases |= aliases
-            acc.enterprise = acc.enterprise or dev.enterprise
+            acc.enterprise = acc.enterprise or enterprise
             acc.protocols |= set(dev.protocols)
             acc.status = max(acc.status, dev.status)
             acc.last_seen = now
@@ -232,10 +251,14 @@ class PeriodRollup:
         )
 
     def connector_statuses(self) -> tuple[ConnectorStatus, ...]:
-        return tuple(
+        statuses = tuple(
             ConnectorStatus(kind=k, source=s[:200], errors={c[:200]: n for c, n in e.items()})
             for (k, s), e in sorted(self.errors.items())
         )
+        if self.invalid_enterprises:
+            bad = {"enterprise_invalid": sum(self.invalid_enterprises.values())}
+            statuses += (ConnectorStatus(kind="agent", source="rollup", errors=bad),)
+        return statuses
 
     def evidence_samples(self, size: int) -> tuple[EvidenceSample, ...]:
         """A deterministic sample: the devices whose fingerprints hash lowest (the node cannot pick them)."""

@@ -1,0 +1,206 @@
+"""Fast tests of the agent's pure parts: merging, tiers, outbox durability, configuration refusals."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from agent.cli import main as agent_main
+from agent.config import load_config, parse_config
+from agent.enroll import Enrollment
+from agent.errors import AgentConfigError
+from agent.outbox import Outbox
+from agent.rollup import PeriodRollup, merge_observations, summarize, tier_counts
+from agent.runtime import Agent
+from connectors.base import DeviceIdentity, DeviceObservation, DeviceStatus
+from protocol.envelope import envelope_hash, open_envelope
+from protocol.keys import read_private_key
+from protocol.report import GENESIS_HASH, parse_report
+
+T0 = datetime(2026, 11, 26, 2, 0, tzinfo=UTC)
+FP_KEY = bytes(range(32))
+
+
+def obs(protocol: str, identity: DeviceIdentity, status: DeviceStatus, **evidence: str) -> DeviceObservation:
+    return DeviceObservation(
+        protocol=protocol,
+        source=f"{protocol}://x",
+        local_id="n",
+        identity=identity,
+        status=status,
+        observed_at=T0,
+        enterprise="91330400MA29G0BL2L",
+        evidence=evidence,
+    )
+
+
+def test_device_seen_through_opcua_and_modbus_counts_once() -> None:
+    opc = obs(
+        "opcua",
+        DeviceIdentity.product_instance_uri("urn:acme:x1:SN1"),
+        DeviceStatus.ACTIVE,
+        manufacturer="ACME",
+        model="X1",
+        serial="SN1",
+    )
+    mb = obs("modbus", DeviceIdentity.manufacturer_model_serial("acme ", "x1", "SN1"), DeviceStatus.REACHABLE)
+    other = obs("mqtt", DeviceIdentity.local("mqtt", "g", "e", "d"), DeviceStatus.REGISTERED)
+    merged = merge_observations([opc, mb, other])
+    assert len(merged) == 2
+    joined = next(d for d in merged if len(d.protocols) == 2)
+    assert joined.protocols == ("modbus", "opcua")
+    assert joined.status == DeviceStatus.ACTIVE
+    assert joined.primary.scheme == "msn"  # the identity every protocol can carry
+    s = summarize([opc, mb, other], merged)
+    assert (s.union.registered, s.union.reachable, s.union.active) == (2, 1, 1)
+    assert s.merged_across_protocols == 1 and s.unmatched == 1
+
+
+def test_serial_numbers_differing_in_case_are_different_devices() -> None:
+    a = obs("modbus", DeviceIdentity.manufacturer_model_serial("ACME", "X1", "sn1"), DeviceStatus.ACTIVE)
+    b = obs("modbus", DeviceIdentity.manufacturer_model_serial("ACME", "X1", "SN1"), DeviceStatus.ACTIVE)
+    assert len(merge_observations([a, b])) == 2
+
+
+def test_tiers_include_higher_tiers() -> None:
+    t = tier_counts([DeviceStatus.ACTIVE, DeviceStatus.REACHABLE, DeviceStatus.REGISTERED, DeviceStatus.ACTIVE])
+    assert (t.registered, t.reachable, t.active) == (4, 3, 2)
+
+
+def test_rollup_sends_fingerprints_not_serial_numbers() -> None:
+    o = obs(
+        "opcua",
+        DeviceIdentity.manufacturer_model_serial("ACME", "X1", "SECRET-SERIAL-42"),
+        DeviceStatus.ACTIVE,
+        manufacturer="ACME",
+        model="X1",
+        serial="SECRET-SERIAL-42",
+        status_code="Good",
+    )
+    r = PeriodRollup(FP_KEY)
+    r.add_devices(merge_observations([o]), now=T0)
+    entries = r.device_entries()
+    samples = r.evidence_samples(5)
+    blob = repr(entries) + repr(samples)
+    assert "SECRET-SERIAL-42" not in blob
+    assert len(entries) == 1 and len(entries[0].fp) == 64
+    assert samples[0].data == {"status_code": "Good"}
+
+
+def test_outbox_chains_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    ob = Outbox(path)
+    seen: list[tuple[int, str]] = []
+
+    def build(seq: int, prev: str) -> tuple[bytes, datetime]:
+        seen.append((seq, prev))
+        return f"envelope-{seq}".encode(), T0 + timedelta(minutes=seq)
+
+    first = ob.append(build)
+    second = ob.append(build)
+    ob.close()
+    ob = Outbox(path)  # a restart: the chain and the pending reports are still there
+    assert seen == [(1, GENESIS_HASH), (2, envelope_hash(b"envelope-1"))]
+    assert [i.seq for i in ob.pending()] == [1, 2]
+    assert ob.chain().next_seq == 3 and ob.chain().last_hash == second.envelope_hash
+    ob.acknowledge(first.seq, {"index": 0})
+    assert [i.seq for i in ob.pending()] == [2]
+    assert ob.last_receipt() == {"index": 0}
+
+
+def test_outbox_keeps_nothing_when_signing_fails(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.sqlite")
+
+    def broken(seq: int, prev: str) -> tuple[bytes, datetime]:
+        raise RuntimeError("signer unavailable")
+
+    with pytest.raises(RuntimeError):
+        ob.append(broken)
+    assert ob.depth() == 0 and ob.chain().next_seq == 1
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text(
+        f'[agent]\nname = "t"\nverifier_url = "http://127.0.0.1:9"\ncollect_interval_s = 1\n{extra}', encoding="utf-8"
+    )
+    return p
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[agent]\nname = "a"\nverifier_url = "http://x"\ncolour = 1\n', r"unknown keys \['colour'\]"),
+        ('[agent]\nname = "a"\nverifier_url = "ftp://x"\n', r"expected an http:// or https:// URL, got 'ftp://x'"),
+        ('[agent]\nname = "a"\nverifier_url = "http://x"\ncollect_interval_s = "fast"\n', r"expected a number, got str"),
+        ('[agent]\nname = "a"\nverifier_url = "http://x"\ntimezone = "Mars/Base"\n', r"IANA time zone.*Mars/Base"),
+        ('[agent]\nname = "a"\nverifier_url = "http://x"\n[[connectors.zigbee]]\nx = 1\n', r"unknown connector kind"),
+        ("[agent\n", r"expected TOML, got a syntax error"),
+    ],
+)
+def test_bad_configuration_is_refused_with_what_was_expected(body: str, message: str) -> None:
+    with pytest.raises(AgentConfigError, match=message):
+        parse_config(body, path=Path("/etc/tianping/agent.toml"))
+
+
+def test_init_makes_a_private_key_readable_by_owner_only(tmp_path: Path) -> None:
+    cfg = tmp_path / "a" / "agent.toml"
+    assert agent_main(["init", "--config", str(cfg), "--name", "edge-1"]) == 0
+    config = load_config(cfg)
+    assert stat.S_IMODE(config.key_path.stat().st_mode) == 0o600
+    before = config.key_path.read_bytes()
+    assert agent_main(["init", "--config", str(cfg)]) == 0  # a second init keeps the key
+    assert config.key_path.read_bytes() == before
+
+
+async def test_periods_never_cross_midnight_in_shanghai(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    assert agent_main(["init", "--config", str(cfg)]) == 0
+    config = load_config(cfg)
+    key = read_private_key(config.key_path)
+    from protocol.keys import key_id
+
+    enrollment = Enrollment(
+        agent_id="agent-1",
+        key_id=key_id(key.public_key()),
+        applicant_id="P1",
+        enterprise=None,
+        fingerprint_key=base64.b64encode(FP_KEY).decode(),
+        verifier_url="http://127.0.0.1:9",
+    )
+    tz = ZoneInfo("Asia/Shanghai")
+    start = datetime(2026, 11, 26, 23, 50, tzinfo=tz)
+    async with Agent(config, enrollment=enrollment) as agent:
+        await agent.collect_round(now=start)
+        await agent.collect_round(now=start + timedelta(minutes=20))  # 00:10 the next day
+        agent.close_period(end=start + timedelta(minutes=25))
+        items = agent.outbox.pending()
+    keys = {key_id(key.public_key()): key.public_key()}
+    reports = [parse_report(open_envelope(i.envelope, keys).payload) for i in items]
+    assert [(r.period.start.astimezone(tz), r.period.end.astimezone(tz)) for r in reports] == [
+        (start, datetime(2026, 11, 27, 0, 0, tzinfo=tz)),
+        (datetime(2026, 11, 27, 0, 0, tzinfo=tz), start + timedelta(minutes=25)),
+    ]
+    assert reports[1].prev_hash == items[0].envelope_hash and reports[1].seq == 2
+
+
+def test_device_with_malformed_enterprise_code_is_kept_unattributed_and_counted() -> None:
+    o = DeviceObservation(
+        protocol="mqtt",
+        source="mqtt://x",
+        local_id="d",
+        identity=DeviceIdentity.local("mqtt", "g", "e", "d"),
+        status=DeviceStatus.ACTIVE,
+        observed_at=T0,
+        enterprise="NOT-A-USCC",
+    )
+    r = PeriodRollup(FP_KEY)
+    r.add_devices(merge_observations([o]), now=T0)
+    (entry,) = r.device_entries()
+    assert entry.enterprise is None and entry.status == "active"
+    assert {s.kind: dict(s.errors) for s in r.connector_statuses()} == {"agent": {"enterprise_invalid": 1}}
