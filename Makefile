@@ -27,14 +27,14 @@ deps:
 	@bash scripts/ensure-debs.sh $(DEB_PACKAGES)
 
 demo: venv deps
-	@$(PY) -m simulator.demo
+	@$(PY) -m demo
 
 test: venv deps
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy protocol connectors agent verifier simulator
+	@$(VENV)/bin/mypy protocol connectors agent verifier simulator demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -72,8 +72,10 @@ class Agent:
             timeout_s=config.agent.request_timeout_s,
             max_backoff_s=config.agent.max_backoff_s,
         )
-        last_end = self.outbox.chain().last_period_end
-        self.period_start: datetime | None = last_end
+        # A period starts at the first round after start-up: time the agent was not running is a gap in the
+        # ledger, never a report of zero observations. It never starts before the last reported period ended.
+        self._last_end = self.outbox.chain().last_period_end
+        self.period_start: datetime | None = None
         self.rollup = PeriodRollup(self.enrollment.fingerprint_key_bytes)
         self.reports_signed = 0
 
@@ -107,7 +109,7 @@ class Agent:
         """Observe every source once and fold the round into the current period."""
         at = now or self.clock()
         if self.period_start is None:
-            self.period_start = at
+            self.period_start = max(at, self._last_end) if self._last_end else at
         # A period never crosses midnight: close the old day first.
         while at >= self._midnight_after(self.period_start):
             self.close_period(end=self._midnight_after(self.period_start))

@@ -1,0 +1,5 @@
+import sys
+
+from demo.orchestrate import main
+
+sys.exit(main())
