@@ -1,0 +1,268 @@
+"""The verifier's schema (SQLAlchemy Core) and its engine factory.
+
+SQLite is the default (WAL, synchronous=FULL, foreign keys on, every transaction ``BEGIN IMMEDIATE`` so that
+writers are serialized by the database too); the same models are portable to PostgreSQL: no SQLite-only SQL.
+Times are stored in UTC and read back as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.types import TypeDecorator
+
+from protocol.fingerprint import FINGERPRINT_KEY_BYTES
+from verifier.errors import NotInitialized
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB_URL = "sqlite:///var/verifier.sqlite"
+DB_ENV = "TIANPING_DB"
+FINGERPRINT_KEY_SETTING = "fingerprint_key"
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware datetime stored as UTC (naive UTC on SQLite, timestamptz on PostgreSQL)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"expected an aware datetime, got naive {value!r}")
+        utc = value.astimezone(UTC)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+settings_table = Table(
+    "settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
+applicants = Table(
+    "applicants",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),  # "platform" | "node"
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+enterprises = Table(
+    "enterprises",
+    metadata,
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=False),
+    Column("uscc", String(18), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    PrimaryKeyConstraint("applicant_id", "uscc"),
+)
+
+enrollment_tokens = Table(
+    "enrollment_tokens",
+    metadata,
+    Column("token_sha256", String(64), primary_key=True),
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=False),
+    Column("enterprise_uscc", String(18), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("used_at", UtcDateTime, nullable=True),
+    Column("used_by_agent", String(64), nullable=True),
+    ForeignKeyConstraint(["applicant_id", "enterprise_uscc"], ["enterprises.applicant_id", "enterprises.uscc"]),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("agent_id", String(64), primary_key=True),
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=False),
+    Column("enterprise_uscc", String(18), nullable=True),
+    Column("name", String(200), nullable=False),
+    Column("key_id", String(64), nullable=False, unique=True),
+    Column("public_key", LargeBinary(32), nullable=False, unique=True),
+    Column("enrolled_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
+    # chain state, advanced in the same transaction as the ledger append
+    Column("next_seq", BigInteger, nullable=False),
+    Column("last_hash", String(64), nullable=False),
+    Column("last_period_end", UtcDateTime, nullable=True),
+    Column("last_report_at", UtcDateTime, nullable=True),
+)
+
+key_events = Table(
+    "key_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("agent_id", String(64), ForeignKey("agents.agent_id"), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("event", String(16), nullable=False),  # "enroll" | "rotate" | "revoke"
+    Column("at", UtcDateTime, nullable=False),
+    Column("detail", Text, nullable=False, default=""),
+)
+
+entries = Table(
+    "entries",
+    metadata,
+    Column("entry_index", BigInteger, primary_key=True, autoincrement=False),  # 0, 1, 2, … without holes
+    Column("agent_id", String(64), ForeignKey("agents.agent_id"), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("envelope_hash", String(64), nullable=False, unique=True),
+    Column("leaf_hash", String(64), nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("period_start", UtcDateTime, nullable=False),
+    Column("period_end", UtcDateTime, nullable=False),
+    Column("late", Boolean, nullable=False),
+    UniqueConstraint("agent_id", "seq"),
+)
+
+equivocations = Table(
+    "equivocations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("agent_id", String(64), ForeignKey("agents.agent_id"), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("envelope_hash", String(64), nullable=False),
+    Column("accepted_envelope_hash", String(64), nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+)
+
+device_days = Table(
+    "device_days",
+    metadata,
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=False),
+    Column("day", Date, nullable=False),  # calendar day in Asia/Shanghai
+    Column("fp", String(64), nullable=False),
+    Column("enterprise", String(18), nullable=True),
+    Column("protocols", SmallInteger, nullable=False),  # bit set, see facts.PROTOCOL_BITS
+    Column("status_rank", SmallInteger, nullable=False),  # protocol.report.STATUS_RANK: 1 registered … 3 active
+    PrimaryKeyConstraint("applicant_id", "day", "fp"),
+)
+
+device_aliases = Table(
+    "device_aliases",
+    metadata,
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=False),
+    Column("fp", String(64), nullable=False),
+    Column("alias", String(64), nullable=False),
+    Column("first_day", Date, nullable=False),
+    PrimaryKeyConstraint("applicant_id", "fp", "alias"),
+)
+
+resolution_days = Table(
+    "resolution_days",
+    metadata,
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=False),
+    Column("day", Date, nullable=False),
+    Column("resolutions_ok", BigInteger, nullable=False),
+    Column("resolutions_failed", BigInteger, nullable=False),
+    Column("creates_ok", BigInteger, nullable=False),
+    Column("deletes_ok", BigInteger, nullable=False),
+    PrimaryKeyConstraint("applicant_id", "day"),
+)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url != prefix and ":memory:" not in url:
+        return Path(url[len(prefix):])
+    return None
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the URL; for SQLite: WAL, synchronous=FULL, foreign keys, ``BEGIN IMMEDIATE`` transactions."""
+    if url.startswith("sqlite"):
+        path = _sqlite_file(url)
+        if path is not None and path.parent != Path():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_connection.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def init_db(engine: Engine) -> bool:
+    """Create the schema and the per-deployment fingerprint key if missing. Idempotent.
+
+    Returns True when the fingerprint key was created now, False when it already existed.
+    """
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        existing = conn.execute(
+            select(settings_table.c.value).where(settings_table.c.name == FINGERPRINT_KEY_SETTING)
+        ).scalar_one_or_none()
+        if existing is not None:
+            return False
+        conn.execute(settings_table.insert().values(name=FINGERPRINT_KEY_SETTING,
+                                                    value=secrets.token_bytes(FINGERPRINT_KEY_BYTES)))
+    log.info("created the per-deployment fingerprint key")
+    return True
+
+
+def fingerprint_key(conn: Connection) -> bytes:
+    value = conn.execute(
+        select(settings_table.c.value).where(settings_table.c.name == FINGERPRINT_KEY_SETTING)
+    ).scalar_one_or_none()
+    if value is None:
+        raise NotInitialized("settings.fingerprint_key: expected the key created by `init`, got none")
+    return bytes(value)
+
+
+def db_url_from_env(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(DB_ENV) or DEFAULT_DB_URL

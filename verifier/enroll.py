@@ -1,0 +1,206 @@
+"""Applicants, their enterprises, enrollment tokens, and the enrollment (and revocation) of agents' keys.
+
+A token is 256 random bits (``secrets.token_urlsafe(32)``), shown once and stored only as its SHA-256; it works
+once, expires (24 h by default), and is bound to one applicant and optionally one of its enterprises. Enrolling
+binds a new Ed25519 public key to a new agent id for that applicant and records a key event; a refused enrollment
+changes nothing. Every function takes the time it should use (``now``): no clock is read here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from protocol.keys import key_id, load_public_key_b64, public_key_bytes
+from protocol.report import GENESIS_HASH
+from protocol.uscc import validate_uscc
+from verifier.db import agents, applicants, enrollment_tokens, enterprises, fingerprint_key, key_events
+from verifier.errors import (
+    AgentUnknown,
+    ApplicantExists,
+    ApplicantUnknown,
+    EnterpriseExists,
+    EnterpriseUnknown,
+    KeyAlreadyEnrolled,
+    RequestInvalid,
+    TokenExpired,
+    TokenUnknown,
+    TokenUsed,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_TTL = timedelta(hours=24)
+APPLICANT_KINDS = ("platform", "node")
+_APPLICANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Applicant:
+    id: str
+    name: str
+    kind: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "kind": self.kind}
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str  # shown once; only its SHA-256 is stored
+    applicant_id: str
+    enterprise: str | None
+    expires_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "applicant_id": self.applicant_id, "enterprise": self.enterprise,
+                "expires_at": self.expires_at.isoformat()}
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    agent_id: str
+    key_id: str
+    applicant_id: str
+    enterprise: dict[str, str] | None
+    fingerprint_key: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "key_id": self.key_id, "applicant_id": self.applicant_id,
+                "enterprise": self.enterprise,
+                "fingerprint_key": base64.b64encode(self.fingerprint_key).decode("ascii"), "next_seq": 1}
+
+
+def get_applicant(conn: Connection, applicant_id: str) -> Applicant:
+    row = conn.execute(select(applicants).where(applicants.c.id == applicant_id)).first()
+    if row is None:
+        raise ApplicantUnknown(f"applicant: expected a registered id, got {applicant_id[:64]!r}")
+    return Applicant(id=row.id, name=row.name, kind=row.kind)
+
+
+def list_applicants(conn: Connection) -> list[Applicant]:
+    return [Applicant(id=r.id, name=r.name, kind=r.kind)
+            for r in conn.execute(select(applicants).order_by(applicants.c.id))]
+
+
+def add_applicant(engine: Engine, *, applicant_id: str, name: str, kind: str, now: datetime) -> Applicant:
+    if not _APPLICANT_ID.match(applicant_id):
+        raise RequestInvalid(f"id: expected letters, digits, '_', '.', '-' (at most 64), got {applicant_id[:80]!r}")
+    if kind not in APPLICANT_KINDS:
+        raise RequestInvalid(f"kind: expected one of {list(APPLICANT_KINDS)}, got {kind!r}")
+    if not name.strip() or len(name) > 200:
+        raise RequestInvalid(f"name: expected 1 to 200 characters, got {len(name)}")
+    with engine.begin() as conn:
+        if conn.execute(select(applicants.c.id).where(applicants.c.id == applicant_id)).first() is not None:
+            raise ApplicantExists(f"applicant {applicant_id!r}: expected a new id, got one already registered")
+        conn.execute(insert(applicants).values(id=applicant_id, name=name, kind=kind, created_at=now))
+    log.info("registered applicant %r (%s)", applicant_id, kind)
+    return Applicant(id=applicant_id, name=name, kind=kind)
+
+
+def add_enterprise(engine: Engine, *, applicant_id: str, uscc: str, name: str, now: datetime) -> dict[str, str]:
+    validate_uscc(uscc)
+    if not name.strip() or len(name) > 200:
+        raise RequestInvalid(f"name: expected 1 to 200 characters, got {len(name)}")
+    with engine.begin() as conn:
+        get_applicant(conn, applicant_id)
+        exists = conn.execute(select(enterprises.c.uscc).where(enterprises.c.applicant_id == applicant_id,
+                                                               enterprises.c.uscc == uscc)).first()
+        if exists is not None:
+            raise EnterpriseExists(f"enterprise {uscc}: expected a new one for {applicant_id!r}, got a repeat")
+        conn.execute(insert(enterprises).values(applicant_id=applicant_id, uscc=uscc, name=name, created_at=now))
+    log.info("registered enterprise %s for applicant %r", uscc, applicant_id)
+    return {"uscc": uscc, "name": name}
+
+
+def issue_token(engine: Engine, *, applicant_id: str, enterprise: str | None = None, now: datetime,
+                ttl: timedelta = DEFAULT_TOKEN_TTL) -> IssuedToken:
+    if ttl <= timedelta(0) or ttl > timedelta(days=30):
+        raise RequestInvalid(f"ttl: expected between 1 s and 30 days, got {ttl.total_seconds():.0f} s")
+    token = secrets.token_urlsafe(32)
+    with engine.begin() as conn:
+        get_applicant(conn, applicant_id)
+        if enterprise is not None:
+            found = conn.execute(select(enterprises.c.uscc).where(enterprises.c.applicant_id == applicant_id,
+                                                                  enterprises.c.uscc == enterprise)).first()
+            if found is None:
+                raise EnterpriseUnknown(f"enterprise: expected one registered for {applicant_id!r}, "
+                                        f"got {enterprise[:40]!r}")
+        conn.execute(insert(enrollment_tokens).values(token_sha256=token_digest(token), applicant_id=applicant_id,
+                                                      enterprise_uscc=enterprise, created_at=now,
+                                                      expires_at=now + ttl))
+    log.info("issued an enrollment token for applicant %r (expires %s)", applicant_id, (now + ttl).isoformat())
+    return IssuedToken(token=token, applicant_id=applicant_id, enterprise=enterprise, expires_at=now + ttl)
+
+
+def enroll_agent(engine: Engine, *, token: str, public_key_b64: str, agent_name: str, now: datetime) -> Enrollment:
+    """Spend a token and bind a new public key to a new agent, in one transaction (refusals change nothing)."""
+    if not agent_name.strip() or len(agent_name) > 200:
+        raise RequestInvalid(f"agent_name: expected 1 to 200 characters, got {len(agent_name)}")
+    public = load_public_key_b64(public_key_b64)
+    raw = public_key_bytes(public)
+    kid = key_id(public)
+    agent_id = "agt-" + kid[:24]
+    try:
+        with engine.begin() as conn:
+            row = conn.execute(select(enrollment_tokens)
+                               .where(enrollment_tokens.c.token_sha256 == token_digest(token))).first()
+            if row is None:
+                raise TokenUnknown("token: expected one issued by this verifier, got an unknown token")
+            if row.used_at is not None:
+                raise TokenUsed(f"token: expected an unused token, got one used at {row.used_at.isoformat()}")
+            if row.expires_at <= now:
+                raise TokenExpired(f"token: expected one valid at {now.isoformat()}, got one that expired at "
+                                   f"{row.expires_at.isoformat()}")
+            if conn.execute(select(agents.c.agent_id).where(agents.c.key_id == kid)).first() is not None:
+                raise KeyAlreadyEnrolled(f"public_key: expected a key not yet enrolled, got key {kid[:16]}… "
+                                         "that is")
+            conn.execute(update(enrollment_tokens).where(enrollment_tokens.c.token_sha256 == row.token_sha256,
+                                                         enrollment_tokens.c.used_at.is_(None))
+                         .values(used_at=now, used_by_agent=agent_id))
+            conn.execute(insert(agents).values(
+                agent_id=agent_id, applicant_id=row.applicant_id, enterprise_uscc=row.enterprise_uscc,
+                name=agent_name, key_id=kid, public_key=raw, enrolled_at=now, next_seq=1, last_hash=GENESIS_HASH))
+            conn.execute(insert(key_events).values(agent_id=agent_id, key_id=kid, event="enroll", at=now,
+                                                   detail=f"token for applicant {row.applicant_id}"))
+            enterprise = None
+            if row.enterprise_uscc is not None:
+                ename = conn.execute(select(enterprises.c.name).where(
+                    enterprises.c.applicant_id == row.applicant_id,
+                    enterprises.c.uscc == row.enterprise_uscc)).scalar_one()
+                enterprise = {"uscc": row.enterprise_uscc, "name": ename}
+            fkey = fingerprint_key(conn)
+    except IntegrityError:
+        # a concurrent enrollment of the same key won the race
+        raise KeyAlreadyEnrolled(f"public_key: expected a key not yet enrolled, got key {kid[:16]}… that is") \
+            from None
+    log.info("enrolled agent %r (key %s…) for applicant %r", agent_id, kid[:16], row.applicant_id)
+    return Enrollment(agent_id=agent_id, key_id=kid, applicant_id=row.applicant_id, enterprise=enterprise,
+                      fingerprint_key=fkey)
+
+
+def revoke_agent(engine: Engine, *, agent_id: str, now: datetime, reason: str = "") -> None:
+    with engine.begin() as conn:
+        row = conn.execute(select(agents.c.key_id, agents.c.revoked_at).where(agents.c.agent_id == agent_id)).first()
+        if row is None:
+            raise AgentUnknown(f"agent: expected an enrolled agent id, got {agent_id[:64]!r}")
+        if row.revoked_at is not None:
+            return
+        conn.execute(update(agents).where(agents.c.agent_id == agent_id).values(revoked_at=now))
+        conn.execute(insert(key_events).values(agent_id=agent_id, key_id=row.key_id, event="revoke", at=now,
+                                               detail=reason))
+    log.info("revoked agent %r", agent_id)
