@@ -14,13 +14,16 @@ identity:
 
 The counter is computed from the injected ``clock`` when it is read, so tests advance a fake clock instead of
 sleeping. Unit ids without a device answer exception 0x0B (gateway target device failed to respond), as a real
-gateway does for a silent serial-side device. With ``echo=True`` every unit id answers with the identity of
-the gateway's first device: a misconfigured gateway, for tests of echo detection.
+gateway does for a silent serial-side device, or with ``absent="silent"`` they get no answer at all, as from
+the many gateways that simply let the request time out. With ``echo=True`` every unit id answers with the
+identity of the gateway's first device: a misconfigured gateway, for tests of echo detection. With
+``max_objects_per_response=n`` a Read Device Identification stream answer carries at most ``n`` objects and
+says More-Follows (0xFF) with the next object id, as a device with a small buffer does.
 
 pymodbus 3.16.1 answers 0x2B/0x0E and 0x11 from one process-wide identity for every unit id, and unknown
 unit ids with 0x04. So each gateway registers its own request classes for 0x2B and 0x11 (``custom_pdu``)
 bound to its per-unit identities, serves a catch-all device 0 for absent ids, and rewrites every answer to
-an absent id into exception 0x0B in its ``trace_pdu`` hook.
+an absent id into exception 0x0B in its ``trace_pdu`` hook (or drops the request there, when silent).
 
 The simulator plays the outside world: it imports nothing from the project but ``simulator``.
 """
@@ -58,6 +61,8 @@ SERIAL_OBJECT_ID = 0x80  # private Read Device Identification object holding the
 MAX_UNIT_ID = 247
 _MEI_READ_DEVICE_ID = 0x0E
 _CONFORMITY = 0x83  # basic, regular and extended identification; stream and individual access
+_MORE_FOLLOWS = 0xFF
+ABSENT_MODES = ("0x0B", "silent")  # how a gateway treats a unit id with no device behind it
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,14 @@ def _select_objects(objects: dict[int, bytes], read_code: int, object_id: int) -
     return {oid: value for oid, value in in_category.items() if oid >= object_id}
 
 
+def _split(selected: dict[int, bytes], max_objects: int | None) -> tuple[dict[int, bytes], int | None]:
+    """The objects that fit in one answer, and the object id to continue from (None: nothing follows)."""
+    if max_objects is None or len(selected) <= max_objects:
+        return selected, None
+    ids = sorted(selected)
+    return {oid: selected[oid] for oid in ids[:max_objects]}, ids[max_objects]
+
+
 @dataclass
 class _Gateway:
     """One pymodbus TCP server and the per-unit state it answers from."""
@@ -129,8 +142,12 @@ class _Gateway:
     counter: Callable[[_Unit], int]
     device_identification: bool = True  # False: 0x2B answers exception 0x01, as many PLCs do
     report_server_id: bool = True  # False: 0x11 answers exception 0x01
+    absent: str = "0x0B"  # "0x0B": absent unit ids answer exception 0x0B; "silent": no answer at all
+    max_objects_per_response: int | None = None  # split identification answers (More-Follows)
     server: ModbusTcpServer | None = None
-    served: dict[str, int] = field(default_factory=lambda: {"requests": 0, "absent": 0})
+    served: dict[str, int] = field(
+        default_factory=lambda: {"requests": 0, "absent": 0, "silenced": 0, "identification": 0}
+    )
 
     def unit(self, unit_id: int) -> _Unit | None:
         return self.echo_unit if self.echo_unit is not None else self.units.get(unit_id)
@@ -212,13 +229,18 @@ class _Gateway:
                 selected = _select_objects(unit.objects(), self.read_code, self.object_id)
                 if isinstance(selected, int):
                     return ExceptionResponse(self.function_code, selected)
+                part, next_object_id = _split(selected, gateway.max_objects_per_response)
                 response = ReadDeviceInformationResponse(
                     read_code=self.read_code,
-                    information=dict(selected),
+                    information=dict(part),
                     dev_id=device_id,
                     transaction_id=self.transaction_id,
                 )
                 response.conformity = _CONFORMITY
+                if next_object_id is not None:
+                    response.more_follows = _MORE_FOLLOWS
+                    response.next_object_id = next_object_id
+                gateway.served["identification"] += 1
                 return response
 
         class ReportServerIdPerUnit(ModbusPDU):
@@ -240,10 +262,13 @@ class _Gateway:
 
         return [ReadDeviceIdentificationPerUnit, ReportServerIdPerUnit]
 
-    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
-        """Count requests; turn every answer to an absent unit id into exception 0x0B."""
+    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU | None:
+        """Count requests; drop requests to absent unit ids (silent) or turn their answers into 0x0B."""
         if not sending:
             self.served["requests"] += 1
+            if self.absent == "silent" and self.unit(pdu.dev_id) is None:
+                self.served["silenced"] += 1
+                return None  # pymodbus drops a request its trace_pdu hook returns None for
             return pdu
         if self.unit(pdu.dev_id) is not None:
             return pdu
@@ -263,7 +288,7 @@ class _Gateway:
         server = ModbusTcpServer(
             devices,
             address=(self.info.host, self.info.port),
-            trace_pdu=self._trace_pdu,
+            trace_pdu=self._trace_pdu,  # type: ignore[arg-type]  # None drops the request
             custom_pdu=self._custom_pdus(),
         )
         await server.serve_forever(background=True)
@@ -281,7 +306,8 @@ class ModbusPlant:
     ``clock`` (seconds, monotonic) drives the activity counters; tests inject one and advance it instead
     of sleeping. ``echo=True`` makes every gateway answer every unit id 1..247 with its first device.
     ``device_identification=False`` / ``report_server_id=False`` make the units answer 0x2B / 0x11 with
-    exception 0x01 (illegal function), for tests of the identification fallbacks.
+    exception 0x01 (illegal function), for tests of the identification fallbacks. ``absent`` is one of
+    :data:`ABSENT_MODES`; ``max_objects_per_response`` splits identification answers with More-Follows.
     """
 
     def __init__(
@@ -294,12 +320,18 @@ class ModbusPlant:
         echo: bool = False,
         device_identification: bool = True,
         report_server_id: bool = True,
+        absent: str = "0x0B",
+        max_objects_per_response: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if update_interval_s <= 0:
             raise ValueError(f"update_interval_s must be > 0, got {update_interval_s!r}")
         if base_port is not None and not 1 <= base_port <= 65535:
             raise ValueError(f"base_port must be in 1..65535, got {base_port!r}")
+        if absent not in ABSENT_MODES:
+            raise ValueError(f"absent must be one of {ABSENT_MODES}, got {absent!r}")
+        if max_objects_per_response is not None and max_objects_per_response < 1:
+            raise ValueError(f"max_objects_per_response must be >= 1 or None, got {max_objects_per_response!r}")
         self.spec = spec
         self.host = host
         self.base_port = base_port
@@ -307,6 +339,8 @@ class ModbusPlant:
         self.echo = echo
         self.device_identification = device_identification
         self.report_server_id = report_server_id
+        self.absent = absent
+        self.max_objects_per_response = max_objects_per_response
         self._clock = clock
         self._t0 = clock()
         self._gateways: list[_Gateway] = []
@@ -369,6 +403,8 @@ class ModbusPlant:
                 counter=self._counter,
                 device_identification=self.device_identification,
                 report_server_id=self.report_server_id,
+                absent=self.absent,
+                max_objects_per_response=self.max_objects_per_response,
             )
             try:
                 await gateway.start()
@@ -406,11 +442,14 @@ async def run_modbus_plant(
     base_port: int | None = None,
     update_interval_s: float = 0.5,
     echo: bool = False,
+    absent: str = "0x0B",
+    max_objects_per_response: int | None = None,
     on_ready: Callable[[list[GatewayInfo]], None] | None = None,
 ) -> None:
     """Serve the plant's Modbus gateways until cancelled; ``on_ready`` gets the gateways once listening."""
     async with ModbusPlant(
-        spec, host=host, base_port=base_port, update_interval_s=update_interval_s, echo=echo
+        spec, host=host, base_port=base_port, update_interval_s=update_interval_s, echo=echo, absent=absent,
+        max_objects_per_response=max_objects_per_response,
     ) as plant:
         if on_ready is not None:
             on_ready(plant.gateways)

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 
 def free_port() -> int:
@@ -53,6 +54,7 @@ class PrivateMosquitto:
         self._extra_conf = extra_conf
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @staticmethod
     def binary() -> str:
@@ -75,8 +77,8 @@ class PrivateMosquitto:
             "sys_interval 1\n"
             f"{self._extra_conf}\n"
         )
-        log = open(Path(self._dir.name) / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the process
-        self._proc = subprocess.Popen([self.binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        self._log = open(Path(self._dir.name) / "mosquitto.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen([self.binary(), "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:
@@ -93,6 +95,9 @@ class PrivateMosquitto:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
