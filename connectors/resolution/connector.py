@@ -1,0 +1,475 @@
+"""The resolution-log connector: tails a HANDLE.NET access log and counts what was appended since last time.
+
+Each ``collect()`` reads from the remembered position to the end of the file and returns exact per-minute
+counts (:class:`connectors.base.ResolutionBatch`). The position belongs to one file, named by its identity
+``(st_dev, st_ino)``, never by its name:
+
+- **rotation by rename** (logrotate's default): the old file keeps its inode, so the connector finishes it
+  through the descriptor it holds, then starts the new ``access.log`` from 0;
+- **copytruncate**: the file shrank, or no longer holds the bytes last read (``anchor``): the connector looks
+  for the rotated copy beside it that holds those bytes at the same place, finishes that copy, then reads the
+  truncated file from 0; if no copy holds them, the loss is counted (``truncated_unread``) and logged;
+- **a partial last line** (no newline yet) is held back and counted once, whole, when its newline arrives;
+- **restart**: with ``checkpoint_path`` set, ``(dev, ino, offset, anchor)`` is written atomically (temporary
+  file, fsync, ``os.replace``) after each collection, and a new connector continues exactly there — also when
+  the file was rotated by rename while it was stopped (it finds the inode among ``access.log.*``).
+
+Reading and parsing run in a worker thread so that a large backlog does not stall the event loop. The
+checkpoint is written when a round has been read, before the caller has stored the batch: a crash in between
+loses that round (a later issue may add an explicit commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, Self
+
+from connectors.base import (
+    ConfigError,
+    ConnectorBase,
+    ConnectorError,
+    ConnectorHealth,
+    ResolutionBatch,
+    optional,
+    refuse_unknown,
+    require,
+)
+from connectors.resolution.handle_log import (
+    DEFAULT_MAX_LINE_BYTES,
+    DEFAULT_READ_CHUNK_BYTES,
+    FORMAT_HANDLE_NET,
+    FORMATS,
+    MIN_MAX_LINE_BYTES,
+    HandleLogCounter,
+    LineAssembler,
+    count_files,
+    load_zone,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULTS",
+    "CheckpointError",
+    "ResolutionLogConfig",
+    "ResolutionLogConnector",
+    "count_files",
+    "defaults",
+]
+
+WHERE = "connectors.resolution"
+
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "format": FORMAT_HANDLE_NET,
+        "max_line_bytes": DEFAULT_MAX_LINE_BYTES,
+        "read_chunk_bytes": DEFAULT_READ_CHUNK_BYTES,
+        "timezone": "Asia/Shanghai",
+    }
+)
+REQUIRED_KEYS = ("path",)
+OPTIONAL_KEYS = ("checkpoint_path",)  # optional, no default
+MAX_LINE_BYTES_RANGE = (MIN_MAX_LINE_BYTES, 1 << 20)
+READ_CHUNK_BYTES_RANGE = (4096, 64 << 20)
+CHECKPOINT_VERSION = 1
+_MAX_ROTATIONS_PER_COLLECT = 8
+
+
+def defaults() -> dict[str, Any]:
+    """The configuration defaults (sample.toml is exactly these plus the required ``path``)."""
+    return dict(DEFAULTS)
+
+
+class CheckpointError(ConnectorError):
+    """The checkpoint file cannot be trusted; the connector refuses to guess where to continue."""
+
+    code = "checkpoint_invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolutionLogConfig:
+    path: Path
+    format: str = FORMAT_HANDLE_NET
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    read_chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES
+    checkpoint_path: Path | None = None
+    timezone: str = "Asia/Shanghai"
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> ResolutionLogConfig:
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"{WHERE}: expected a table, got {type(cfg).__name__}")
+        refuse_unknown(cfg, {*DEFAULTS, *REQUIRED_KEYS, *OPTIONAL_KEYS}, where=WHERE)
+        path = require(cfg, "path", str, where=WHERE)
+        if not path.strip():
+            raise ConfigError(f"{WHERE}.path: expected the access log's path, got an empty string")
+        fmt = optional(cfg, "format", str, DEFAULTS["format"], where=WHERE)
+        if fmt not in FORMATS:
+            raise ConfigError(f"{WHERE}.format: expected one of {list(FORMATS)}, got {fmt!r}")
+        max_line_bytes = _bounded(cfg, "max_line_bytes", MAX_LINE_BYTES_RANGE)
+        read_chunk_bytes = _bounded(cfg, "read_chunk_bytes", READ_CHUNK_BYTES_RANGE)
+        checkpoint = optional(cfg, "checkpoint_path", str, None, where=WHERE)
+        if checkpoint is not None and not checkpoint.strip():
+            raise ConfigError(f"{WHERE}.checkpoint_path: expected a file path, got an empty string")
+        if checkpoint is not None and Path(checkpoint) == Path(path):
+            raise ConfigError(f"{WHERE}.checkpoint_path: expected a file other than the log, got {checkpoint!r}")
+        zone = optional(cfg, "timezone", str, DEFAULTS["timezone"], where=WHERE)
+        try:
+            load_zone(zone)
+        except ValueError as exc:
+            raise ConfigError(f"{WHERE}.{exc}") from None
+        return cls(
+            path=Path(path),
+            format=fmt,
+            max_line_bytes=max_line_bytes,
+            read_chunk_bytes=read_chunk_bytes,
+            checkpoint_path=Path(checkpoint) if checkpoint is not None else None,
+            timezone=zone,
+        )
+
+
+def _bounded(cfg: Mapping[str, Any], key: str, bounds: tuple[int, int]) -> int:
+    value: int = optional(cfg, key, int, DEFAULTS[key], where=WHERE)
+    low, high = bounds
+    if not low <= value <= high:
+        raise ConfigError(f"{WHERE}.{key}: expected an integer from {low} to {high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Checkpoint:
+    dev: int
+    ino: int
+    offset: int  # end of the last complete line counted
+    anchor: bytes  # the bytes just before offset
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+
+class ResolutionLogConnector(ConnectorBase):
+    """Counts identifier-resolution traffic in a HANDLE.NET access log (see the module docstring)."""
+
+    kind: ClassVar[str] = "resolution"
+
+    def __init__(self, config: ResolutionLogConfig) -> None:
+        super().__init__(source=str(config.path))
+        self.config = config
+        self.zone = load_zone(config.timezone)  # for day roll-ups by the agent
+        self._mutex = threading.Lock()  # one worker thread at a time
+        self._collecting = asyncio.Lock()
+        self._carry: HandleLogCounter | None = None
+        self._fd: int | None = None
+        self._ident: tuple[int, int] | None = None
+        self._asm = self._assembler()
+        self._resume = self._load_checkpoint()
+        self._saved: _Checkpoint | None = self._resume
+        self._missing = False
+        self._lines_total = 0
+        self._malformed_total = 0
+        self._rotations = 0
+        self._truncations = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Self:
+        return cls(ResolutionLogConfig.from_mapping(cfg))
+
+    async def collect(self) -> ResolutionBatch:
+        """Count what was appended since the last call (or since the checkpoint, or the start of the file).
+
+        If the caller is cancelled while the worker thread reads, what it read is not lost: the next call
+        returns it together with what was appended since."""
+        async with self._collecting:
+            counter = await asyncio.to_thread(self._collect)
+            self._carry = None  # delivered
+            return self._batch(counter)
+
+    def health(self) -> ConnectorHealth:
+        return ConnectorHealth(
+            kind=self.kind,
+            source=self.source,
+            errors=dict(self._errors),
+            extra={
+                "position": self._asm.consumed,
+                "lines_total": self._lines_total,
+                "malformed_total": self._malformed_total,
+                "rotations": self._rotations,
+                "truncations": self._truncations,
+            },
+        )
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    # --- one collection, in a worker thread ------------------------------------------------------------------
+
+    def _collect(self) -> HandleLogCounter:
+        with self._mutex:
+            if self._carry is None:  # else the last round was read but never delivered: add to it
+                self._carry = HandleLogCounter(max_line_bytes=self.config.max_line_bytes)
+            counter = self._carry
+            if self._fd is None:
+                self._open_current(counter)
+            if self._fd is not None:
+                self._check_in_place(self._fd, counter)
+                self._read_to_end(self._fd, counter)
+                self._follow_rename(counter)
+            self._save_checkpoint()
+            return counter
+
+    def _close(self) -> None:
+        with self._mutex:
+            self._save_checkpoint()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _assembler(self, *, consumed: int = 0, anchor: bytes = b"") -> LineAssembler:
+        return LineAssembler(max_line_bytes=self.config.max_line_bytes, consumed=consumed, anchor=anchor)
+
+    def _open_current(self, counter: HandleLogCounter) -> None:
+        path = self.config.path
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            if not self._missing:
+                log.warning("resolution log %s does not exist (yet); nothing to count", path)
+            self._missing = True
+            self.count_error("log_missing")
+            return
+        self._missing = False
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        resume, self._resume = self._resume, None
+        self._asm = self._assembler()
+        if resume is not None and resume.ident == ident:
+            self._asm = self._assembler(consumed=resume.offset, anchor=resume.anchor)
+            log.info("resolution log %s: continuing at byte %d from the checkpoint", path, resume.offset)
+        elif resume is not None:
+            self._finish_checkpointed_file(resume, counter)
+        self._fd, self._ident = fd, ident
+
+    def _finish_checkpointed_file(self, resume: _Checkpoint, counter: HandleLogCounter) -> None:
+        """The checkpoint names a file that was rotated away while we were stopped: finish it, if it is still
+        beside the log and still holds the bytes the checkpoint remembers."""
+        for candidate in self._siblings():
+            try:
+                fd = os.open(candidate, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != resume.ident:
+                    continue
+                asm = self._assembler(consumed=resume.offset, anchor=resume.anchor)
+                if not _holds(fd, asm):
+                    break
+                self._asm = asm
+                self._read_to_end(fd, counter)
+                self._asm.finish(counter)
+                self._rotations += 1
+                log.info(
+                    "resolution log %s: finished %s, rotated while the connector was stopped", self.source, candidate
+                )
+                self._asm = self._assembler()
+                return
+            finally:
+                os.close(fd)
+        self.count_error("checkpoint_file_gone")
+        log.warning(
+            "resolution log %s: the file of the checkpoint (inode %d, byte %d) is gone or changed; lines appended "
+            "to it after the checkpoint were not counted; starting the current file from its beginning",
+            self.source,
+            resume.ino,
+            resume.offset,
+        )
+        self._asm = self._assembler()
+
+    def _check_in_place(self, fd: int, counter: HandleLogCounter) -> None:
+        """Truncated (copytruncate) or rewritten under us? Then finish the rotated copy and restart at 0."""
+        if _holds(fd, self._asm):
+            return
+        self._truncations += 1
+        old = self._asm
+        copy = self._find_copy(old)
+        if copy is not None:
+            copy_fd = os.open(copy, os.O_RDONLY)
+            try:
+                self._read_to_end(copy_fd, counter)
+            finally:
+                os.close(copy_fd)
+            old.finish(counter)
+            log.info("resolution log %s was truncated; finished its rotated copy %s", self.source, copy)
+        else:
+            self.count_error("truncated_unread")
+            log.warning(
+                "resolution log %s was truncated and no rotated copy beside it holds the bytes before position %d; "
+                "lines appended between the last collection and the truncation were not counted",
+                self.source,
+                old.position,
+            )
+            old.drop_pending(counter, "line cut off by truncation of the log")
+        self._asm = self._assembler()
+
+    def _find_copy(self, asm: LineAssembler) -> Path | None:
+        if not asm.anchor and not asm.pending:
+            return None
+        for candidate in self._siblings():
+            try:
+                fd = os.open(candidate, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != self._ident and _holds(fd, asm):
+                    return candidate
+            finally:
+                os.close(fd)
+        return None
+
+    def _siblings(self) -> list[Path]:
+        """Rotated files beside the log (``access.log.1``, ``access.log-20261126``, …), newest first."""
+        path = self.config.path
+        found: list[tuple[float, Path]] = []
+        try:
+            entries = list(path.parent.iterdir())
+        except OSError:
+            return []
+        for entry in entries:
+            name = entry.name
+            if (
+                name == path.name
+                or not name.startswith(path.name)
+                or name.endswith((".gz", ".bz2", ".xz", ".zst", ".tmp"))
+                or (self.config.checkpoint_path is not None and entry == self.config.checkpoint_path)
+            ):
+                continue
+            with contextlib.suppress(OSError):
+                found.append((entry.stat().st_mtime, entry))
+        return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+    def _read_to_end(self, fd: int, counter: HandleLogCounter) -> None:
+        size = self.config.read_chunk_bytes
+        while chunk := os.pread(fd, size, self._asm.position):
+            self._asm.push(chunk, counter)
+
+    def _follow_rename(self, counter: HandleLogCounter) -> None:
+        """If the name now points at another file, the one we hold was rotated by rename: finish it (the writer
+        may have added lines before it switched), then read the new one from its beginning."""
+        for _ in range(_MAX_ROTATIONS_PER_COLLECT):
+            try:
+                st = os.stat(self.config.path)
+            except FileNotFoundError:
+                return  # renamed, the new file not created yet: keep the old one
+            if (st.st_dev, st.st_ino) == self._ident or self._fd is None:
+                return
+            self._read_to_end(self._fd, counter)
+            self._asm.finish(counter)
+            os.close(self._fd)
+            self._fd = None
+            self._rotations += 1
+            log.info("resolution log %s was rotated; finished the old file at byte %d", self.source, self._asm.consumed)
+            try:
+                fd = os.open(self.config.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            st = os.fstat(fd)
+            self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+            self._asm = self._assembler()
+            self._read_to_end(fd, counter)
+
+    def _batch(self, counter: HandleLogCounter) -> ResolutionBatch:
+        self._lines_total += counter.lines
+        if counter.malformed:
+            self._malformed_total += counter.malformed
+            self._errors["malformed_line"] = self._errors.get("malformed_line", 0) + counter.malformed
+            reasons = "; ".join(f"{n} × {reason}" for reason, n in counter.malformed_reasons.most_common(3))
+            log.warning("resolution log %s: %d malformed lines (%s)", self.source, counter.malformed, reasons)
+        return ResolutionBatch(
+            source=self.source,
+            buckets=tuple(counter.buckets()),
+            lines_read=counter.lines,
+            malformed_lines=counter.malformed,
+            malformed_samples=tuple(counter.malformed_samples),
+            created_handles=tuple(counter.created_handles()),
+        )
+
+    # --- checkpoint ------------------------------------------------------------------------------------------
+
+    def _load_checkpoint(self) -> _Checkpoint | None:
+        target = self.config.checkpoint_path
+        if target is None:
+            return None
+        try:
+            raw = target.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {target}: cannot be read ({exc})") from None
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or doc.get("version") != CHECKPOINT_VERSION:
+                raise ValueError(f"expected version {CHECKPOINT_VERSION}")
+            if doc.get("path") != str(self.config.path):
+                raise CheckpointError(
+                    f"checkpoint {target}: belongs to {doc.get('path')!r}, not to {str(self.config.path)!r}"
+                )
+            values = [doc["dev"], doc["ino"], doc["offset"]]
+            if not all(type(v) is int and v >= 0 for v in values):
+                raise ValueError("expected non-negative integers dev, ino, offset")
+            anchor = bytes.fromhex(doc["anchor"])
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {target}: expected JSON {{version, path, dev, ino, offset, anchor}}, got an unusable "
+                f"file ({exc}); remove it only if counting the log again from its start is intended"
+            ) from None
+        return _Checkpoint(dev=values[0], ino=values[1], offset=values[2], anchor=anchor)
+
+    def _save_checkpoint(self) -> None:
+        target = self.config.checkpoint_path
+        if target is None or self._ident is None:
+            return
+        current = _Checkpoint(
+            dev=self._ident[0], ino=self._ident[1], offset=self._asm.consumed, anchor=self._asm.anchor
+        )
+        if current == self._saved:
+            return
+        doc = {
+            "version": CHECKPOINT_VERSION,
+            "path": str(self.config.path),
+            "dev": current.dev,
+            "ino": current.ino,
+            "offset": current.offset,
+            "anchor": current.anchor.hex(),
+        }
+        tmp = target.with_name(target.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(doc, sort_keys=True).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        self._saved = current
+
+
+def _holds(fd: int, asm: LineAssembler) -> bool:
+    """Does the file still hold, at the same place, the bytes the assembler last read?"""
+    if os.fstat(fd).st_size < asm.position:
+        return False
+    expect = asm.anchor + asm.pending
+    if not expect:
+        return True
+    return os.pread(fd, len(expect), asm.consumed - len(asm.anchor)) == expect

@@ -1,0 +1,423 @@
+"""A simulated identifier-resolution secondary node that writes HANDLE.NET-style access logs.
+
+It plays the outside world for the resolution-log connector, the demo and the tests, so it imports nothing
+from the project. Every line it writes is generated from a seeded random stream, and :meth:`ResolutionNode.ground_truth`
+says exactly what a correct counter must find in what it wrote:
+
+    <ip> <iface> "<yyyy-MM-dd HH:mm:ss.SSS±hhmm>" <opCode> <respCode> <N>ms [adm=<idx>:<adminHandle> ]<handle>
+
+(two spaces before the handle when there is no ``adm=`` part; the handle is %-escaped).
+
+Ground-truth definitions (DESIGN.md): days are calendar days in Asia/Shanghai (UTC+8, no daylight saving since
+1991); a *new registration* is a successful create (opCode 100, respCode 1) of a handle that was never created
+before in this log — a handle re-created after a delete is not new; a *failed resolution* is opCode 1 with any
+respCode other than 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+log = logging.getLogger(__name__)
+
+SHANGHAI = timezone(timedelta(hours=8), "Asia/Shanghai")
+LOG_NAME = "access.log"
+
+OP_RESOLVE = 1
+OP_CREATE = 100
+OP_DELETE = 101
+OP_VALUE_CHANGES = (102, 103, 104)
+OP_LIST = 105
+RC_SUCCESS = 1
+RC_ERROR = 2
+RC_TOO_BUSY = 3
+RC_NOT_FOUND = 100
+RC_ALREADY_EXISTS = 101
+RC_INVALID_HANDLE = 102
+RC_AUTHENTICATION_NEEDED = 402
+
+RESOLVE_IFACES = ("UDP:HDL(2.10)", "UDP:HDL(2.10)", "UDP:HDL(2.10)", "TCP:HDL(2.10)", "HTTP:HDL(2.10)", "HTTP:HDLApi")
+ADMIN_IFACES = ("TCP:HDL(2.10)", "HTTP:HDLApi", "HTTP:HDL(2.10)")
+_WORDS = ("dev", "part", "lot", "batch", "pump", "valve", "motor", "order", "pallet", "mould")
+# Suffixes that need %-escaping (space, percent, non-ASCII): a few of every hundred new handles.
+_ODD_SUFFIXES = ("new item ", "100%-", "阀门-", "a+b=", "q?x#")
+_INITIAL_HANDLES_PER_PREFIX = 40
+_OTHER_OPS_RATIO = 0.01  # value changes and lists
+
+
+@dataclass
+class DayTruth:
+    """Exact counts for one Asia/Shanghai calendar day."""
+
+    resolutions_ok: int = 0
+    resolutions_failed: int = 0
+    creates_ok: int = 0  # new registrations only
+    deletes_ok: int = 0
+    lines: int = 0  # well-formed lines
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "resolutions_ok": self.resolutions_ok,
+            "resolutions_failed": self.resolutions_failed,
+            "creates_ok": self.creates_ok,
+            "deletes_ok": self.deletes_ok,
+            "lines": self.lines,
+        }
+
+
+@dataclass
+class GroundTruth:
+    """Exactly what the node wrote (a snapshot; later writes do not change it)."""
+
+    days: dict[str, DayTruth]
+    lines: int  # every line written, well-formed or not
+    malformed: list[str]  # the malformed lines written on purpose, without their newline
+    # (minute start, opCode, respCode, transport) -> lines; the minute keeps the offset the log was written in
+    buckets: dict[tuple[datetime, int, int, str], int]
+    new_registrations: list[str]  # handles (unescaped) in the order they were first created
+    recreated: list[str]  # handles successfully created again after a delete (not new registrations)
+
+    def as_count_dict(self) -> dict[str, Any]:
+        """The same shape as ``connectors.resolution.count_files`` returns, without the samples."""
+        return {
+            "days": {day: truth.as_dict() for day, truth in sorted(self.days.items())},
+            "lines": self.lines,
+            "malformed": len(self.malformed),
+        }
+
+
+@dataclass
+class _State:
+    live: list[str] = field(default_factory=list)  # handles that currently exist
+    live_set: set[str] = field(default_factory=set)
+    ever_created: set[str] = field(default_factory=set)  # pre-existing or created in this log
+    recreatable: list[str] = field(default_factory=list)  # created in this log, then deleted
+    logged_creates: set[str] = field(default_factory=set)
+
+
+class ResolutionNode:
+    """Writes a HANDLE.NET access log at ``log_dir / "access.log"``, reproducibly from ``seed``.
+
+    ``write_lines`` writes history in compressed time (tests, demo back-fill); ``run`` writes in real time until
+    cancelled. ``hold_back`` lets a test leave the last bytes of a batch unwritten (a line cut in the middle, as a
+    writer that flushes mid-line leaves it); they are written first by the next write, ``flush`` or ``rotate``.
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        seed: int = 1,
+        prefixes: int = 20,
+        rate_per_s: float = 50.0,
+        success_ratio: float = 0.97,
+        create_ratio: float = 0.05,
+        delete_ratio: float = 0.005,
+        malformed_every: int = 0,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if prefixes < 1:
+            raise ValueError(f"prefixes: expected at least 1, got {prefixes}")
+        if rate_per_s <= 0:
+            raise ValueError(f"rate_per_s: expected a positive rate, got {rate_per_s}")
+        for name, ratio in (
+            ("success_ratio", success_ratio),
+            ("create_ratio", create_ratio),
+            ("delete_ratio", delete_ratio),
+        ):
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"{name}: expected a ratio in [0, 1], got {ratio}")
+        if create_ratio + delete_ratio + _OTHER_OPS_RATIO > 1.0:
+            raise ValueError(f"create_ratio + delete_ratio: expected at most 0.99, got {create_ratio + delete_ratio}")
+        if malformed_every < 0:
+            raise ValueError(f"malformed_every: expected 0 (off) or a positive interval, got {malformed_every}")
+        self.log_dir = Path(log_dir)
+        self.path = self.log_dir / LOG_NAME
+        self.rate_per_s = rate_per_s
+        self.success_ratio = success_ratio
+        self.create_ratio = create_ratio
+        self.delete_ratio = delete_ratio
+        self.malformed_every = malformed_every
+        self._clock = clock or (lambda: datetime.now(SHANGHAI))
+        self._rng = random.Random(seed)
+        self.prefixes = self._make_prefixes(prefixes)
+        self._state = _State()
+        self._serial = 0
+        for prefix in self.prefixes:
+            for _ in range(_INITIAL_HANDLES_PER_PREFIX):
+                self._add_live(self._fresh_handle(prefix, odd=False))
+        self._days: dict[date, DayTruth] = {}
+        self._buckets: Counter[tuple[datetime, int, int, str]] = Counter()
+        self._lines = 0
+        self._good_since_malformed = 0
+        self._malformed: list[str] = []
+        self._new: list[str] = []
+        self._recreated: list[str] = []
+        self._held = b""
+        self._last_ts: datetime | None = None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- public API ------------------------------------------------------------------------------------------
+
+    def write_lines(self, n: int, *, start: datetime, spacing_s: float, hold_back: int = 0) -> None:
+        """Append ``n`` well-formed lines (plus malformed ones every ``malformed_every``), the i-th stamped
+        ``start + i * spacing_s``. ``start`` must be timezone-aware; lines carry its UTC offset."""
+        if start.tzinfo is None or start.utcoffset() is None:
+            raise ValueError(f"start: expected a timezone-aware datetime, got {start!r}")
+        if n < 0 or spacing_s < 0:
+            raise ValueError(f"n and spacing_s: expected non-negative values, got {n} and {spacing_s}")
+        out = [self._next_lines(start + timedelta(seconds=i * spacing_s)) for i in range(n)]
+        self._append("".join(out).encode(), hold_back=hold_back)
+
+    def flush(self) -> None:
+        """Write the bytes held back by the last ``write_lines(..., hold_back=...)``."""
+        self._append(b"")
+
+    def rotate(self, *, copytruncate: bool = False, keep: int = 5) -> Path:
+        """Rotate like logrotate: shift ``access.log.N`` up by one, then either rename ``access.log`` to
+        ``access.log.1`` and start a new, empty file (the default), or copy it to ``access.log.1`` and truncate it
+        in place (``copytruncate``). Held-back bytes are written first. Returns the rotated file's path."""
+        self.flush()
+        for i in range(keep - 1, 0, -1):
+            older = self.path.with_name(f"{LOG_NAME}.{i}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{LOG_NAME}.{i + 1}"))
+        rotated = self.path.with_name(f"{LOG_NAME}.1")
+        if copytruncate:
+            shutil.copyfile(self.path, rotated)
+            with self.path.open("r+b") as fh:
+                fh.truncate(0)
+        else:
+            self.path.replace(rotated)
+            self.path.touch()
+        log.debug("rotated %s to %s (copytruncate=%s)", self.path, rotated, copytruncate)
+        return rotated
+
+    def ground_truth(self) -> GroundTruth:
+        return GroundTruth(
+            days={d.isoformat(): DayTruth(**t.as_dict()) for d, t in sorted(self._days.items())},
+            lines=self._lines,
+            malformed=list(self._malformed),
+            buckets=dict(self._buckets),
+            new_registrations=list(self._new),
+            recreated=list(self._recreated),
+        )
+
+    async def run(self) -> None:
+        """Append lines in real time at ``rate_per_s`` until cancelled, in bursts of about 0.2 s (timestamps
+        from the clock, spread over the burst)."""
+        loop = asyncio.get_running_loop()
+        burst_s = min(1.0, max(0.05, 10.0 / self.rate_per_s))
+        t0 = loop.time()
+        written = 0
+        log.info("resolution node writing %s at %.1f lines/s", self.path, self.rate_per_s)
+        try:
+            while True:
+                await asyncio.sleep(burst_s)
+                due = int((loop.time() - t0) * self.rate_per_s) - written
+                if due <= 0:
+                    continue
+                now = self._clock()
+                step = 1.0 / self.rate_per_s
+                first = now - timedelta(seconds=step * (due - 1))
+                if self._last_ts is not None and first < self._last_ts:
+                    first = self._last_ts
+                    step = max(0.0, (now - first).total_seconds() / max(1, due - 1))
+                self.write_lines(due, start=first, spacing_s=step)
+                written += due
+        finally:
+            self.flush()
+
+    # --- generation ------------------------------------------------------------------------------------------
+
+    def _make_prefixes(self, n: int) -> list[str]:
+        seen: set[str] = set()
+        out: list[str] = []
+        while len(out) < n:
+            prefix = f"88.{self._rng.randint(100, 9999)}.{self._rng.randint(1, 9999)}"
+            if prefix not in seen:
+                seen.add(prefix)
+                out.append(prefix)
+        return out
+
+    def _fresh_handle(self, prefix: str, *, odd: bool) -> str:
+        self._serial += 1
+        stem = self._rng.choice(_ODD_SUFFIXES) if odd else self._rng.choice(_WORDS)
+        return f"{prefix}/{stem}{self._serial:x}"
+
+    def _missing_handle(self) -> str:
+        # "x-" never begins a created suffix, so this handle does not exist.
+        return f"{self._rng.choice(self.prefixes)}/x-{self._rng.randrange(10**9)}"
+
+    def _add_live(self, handle: str) -> None:
+        st = self._state
+        st.live.append(handle)
+        st.live_set.add(handle)
+        st.ever_created.add(handle)
+
+    def _remove_random_live(self) -> str:
+        st = self._state
+        i = self._rng.randrange(len(st.live))
+        handle = st.live[i]
+        st.live[i] = st.live[-1]
+        st.live.pop()
+        st.live_set.discard(handle)
+        return handle
+
+    def _next_lines(self, ts: datetime) -> str:
+        text = self._good_line(ts)
+        if self.malformed_every:
+            self._good_since_malformed += 1
+            if self._good_since_malformed >= self.malformed_every:
+                self._good_since_malformed = 0
+                bad = self._malformed_line(ts)
+                self._malformed.append(bad)
+                self._lines += 1
+                text += bad + "\n"
+        return text
+
+    def _good_line(self, ts: datetime) -> str:
+        rng = self._rng
+        st = self._state
+        ok = rng.random() < self.success_ratio
+        r = rng.random()
+        admin: str | None = None
+        new = False
+        if r < self.create_ratio:
+            op = OP_CREATE
+            prefix = rng.choice(self.prefixes)
+            admin = f"300:{prefix}/admin"
+            iface = rng.choice(ADMIN_IFACES)
+            if ok and st.recreatable and rng.random() < 0.1:
+                handle = st.recreatable.pop(rng.randrange(len(st.recreatable)))
+                self._add_live(handle)
+                self._recreated.append(handle)
+                resp = RC_SUCCESS
+            elif ok:
+                handle = self._fresh_handle(prefix, odd=rng.random() < 0.03)
+                self._add_live(handle)
+                st.logged_creates.add(handle)
+                self._new.append(handle)
+                new = True
+                resp = RC_SUCCESS
+            else:
+                resp = rng.choice((RC_ALREADY_EXISTS, RC_ALREADY_EXISTS, RC_AUTHENTICATION_NEEDED, RC_ERROR))
+                handle = rng.choice(st.live) if resp == RC_ALREADY_EXISTS else self._fresh_handle(prefix, odd=False)
+        elif r < self.create_ratio + self.delete_ratio:
+            op = OP_DELETE
+            iface = rng.choice(ADMIN_IFACES)
+            if ok and st.live:
+                handle = self._remove_random_live()
+                if handle in st.logged_creates:
+                    st.recreatable.append(handle)
+                resp = RC_SUCCESS
+            else:
+                resp = rng.choice((RC_NOT_FOUND, RC_AUTHENTICATION_NEEDED))
+                handle = self._missing_handle() if resp == RC_NOT_FOUND else rng.choice(st.live)
+            admin = f"300:{handle.partition('/')[0]}/admin"
+        elif r < self.create_ratio + self.delete_ratio + _OTHER_OPS_RATIO:
+            op = rng.choice((*OP_VALUE_CHANGES, OP_LIST))
+            iface = rng.choice(ADMIN_IFACES)
+            handle = rng.choice(st.live) if op != OP_LIST else rng.choice(self.prefixes) + "/"
+            admin = f"300:{handle.partition('/')[0]}/admin"
+            resp = RC_SUCCESS if ok else rng.choice((RC_AUTHENTICATION_NEEDED, RC_ERROR))
+        else:
+            op = OP_RESOLVE
+            iface = rng.choice(RESOLVE_IFACES)
+            if ok:
+                handle, resp = rng.choice(st.live), RC_SUCCESS
+            else:
+                resp = rng.choice((RC_NOT_FOUND,) * 6 + (RC_ERROR, RC_TOO_BUSY, RC_INVALID_HANDLE))
+                handle = rng.choice(st.live) if resp in (RC_ERROR, RC_TOO_BUSY) else self._missing_handle()
+        self._record(ts, op, resp, iface.partition(":")[0], new=new)
+        adm = f"adm={admin} " if admin else " "
+        return f'{self._ip()} {iface} "{_stamp(ts)}" {op} {resp} {rng.randrange(1, 60)}ms {adm}{_escape(handle)}\n'
+
+    def _ip(self) -> str:
+        if self._rng.random() < 0.02:
+            return f"2001:db8::{self._rng.randrange(1, 0xFFFF):x}"
+        return f"10.{self._rng.randrange(256)}.{self._rng.randrange(256)}.{self._rng.randrange(1, 255)}"
+
+    def _record(self, ts: datetime, op: int, resp: int, transport: str, *, new: bool) -> None:
+        # Ground truth is kept from the millisecond-truncated timestamp that is written.
+        ts = ts.replace(microsecond=ts.microsecond // 1000 * 1000)
+        self._lines += 1
+        day = self._days.setdefault(ts.astimezone(SHANGHAI).date(), DayTruth())
+        day.lines += 1
+        if op == OP_RESOLVE:
+            if resp == RC_SUCCESS:
+                day.resolutions_ok += 1
+            else:
+                day.resolutions_failed += 1
+        elif new:
+            day.creates_ok += 1
+        elif op == OP_DELETE and resp == RC_SUCCESS:
+            day.deletes_ok += 1
+        self._buckets[(ts.replace(second=0, microsecond=0), op, resp, transport)] += 1
+        self._last_ts = ts
+
+    def _malformed_line(self, ts: datetime) -> str:
+        kinds = (
+            lambda: "this is not a handle access log line",
+            lambda: "",
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{_stamp(ts)}" x 1 3ms  88.100.1/bad-op',
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{_stamp(ts).replace("-", "/", 1)}" 1 1 3ms  88.100.1/bad-ts',
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{ts.year}-13-01 10:00:00.000+0800" 1 1 3ms  88.100.1/month13',
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{_stamp(ts)}" 1 1 3ms 88.100.1/one-space',
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{_stamp(ts)}" 1 1 3s  88.100.1/bad-elapsed',
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{_stamp(ts)}" 1 1 3ms  88.100.1/bad%zzescape',
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{_stamp(ts)}" 1 1 3ms  ' + "88.100.1/" + "y" * 9000,
+            lambda: f'10.0.0.1 UDP:HDL(2.10) "{_stamp(ts)}" 100 1 3ms adm=300:88.100.1/admin',
+        )
+        return self._rng.choice(kinds)()
+
+    # --- file ------------------------------------------------------------------------------------------------
+
+    def _append(self, data: bytes, *, hold_back: int = 0) -> None:
+        data = self._held + data
+        if hold_back > 0:
+            cut = max(0, len(data) - hold_back)
+            data, self._held = data[:cut], data[cut:]
+        else:
+            self._held = b""
+        if not data:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+
+def _stamp(ts: datetime) -> str:
+    """``yyyy-MM-dd HH:mm:ss.SSS±hhmm`` as HANDLE.NET writes it."""
+    offset = ts.utcoffset() or timedelta(0)
+    minutes = int(offset.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    hours, minutes = divmod(abs(minutes), 60)
+    return (
+        f"{ts.year:04d}-{ts.month:02d}-{ts.day:02d} {ts.hour:02d}:{ts.minute:02d}:{ts.second:02d}."
+        f"{ts.microsecond // 1000:03d}{sign}{hours:02d}{minutes:02d}"
+    )
+
+
+def _escape(handle: str) -> str:
+    return quote(handle, safe="/.-_~:!*'(),;@=+$")
+
+
+async def run_resolution_node(log_dir: Path, seed: int = 1, rate_per_s: float = 50.0) -> None:
+    """Run a simulated resolution node writing ``log_dir/access.log`` until cancelled."""
+    await ResolutionNode(Path(log_dir), seed=seed, rate_per_s=rate_per_s).run()
