@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from pymodbus.constants import ExcCodes
+from pymodbus.constants import ExcCodes, MoreData
 from pymodbus.datastore import ModbusServerContext
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
@@ -61,7 +61,6 @@ SERIAL_OBJECT_ID = 0x80  # private Read Device Identification object holding the
 MAX_UNIT_ID = 247
 _MEI_READ_DEVICE_ID = 0x0E
 _CONFORMITY = 0x83  # basic, regular and extended identification; stream and individual access
-_MORE_FOLLOWS = 0xFF
 ABSENT_MODES = ("0x0B", "silent")  # how a gateway treats a unit id with no device behind it
 
 
@@ -238,7 +237,7 @@ class _Gateway:
                 )
                 response.conformity = _CONFORMITY
                 if next_object_id is not None:
-                    response.more_follows = _MORE_FOLLOWS
+                    response.more_follows = MoreData.KEEP_READING
                     response.next_object_id = next_object_id
                 gateway.served["identification"] += 1
                 return response
@@ -364,7 +363,8 @@ class ModbusPlant:
         return [g.info for g in self._gateways]
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per gateway address: requests received, and answers turned into 0x0B for absent unit ids."""
+        """Per gateway address: requests received, answers turned into 0x0B for absent unit ids (``absent``),
+        requests to absent unit ids left unanswered (``silenced``), identification answers sent."""
         return {g.info.address: dict(g.served) for g in self._gateways}
 
     async def start(self) -> None:

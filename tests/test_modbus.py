@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import tomllib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -151,6 +152,48 @@ async def test_one_round_finds_every_gateways_devices_with_their_identities(
     assert connector.health().errors == {}
 
 
+async def test_identification_split_over_several_answers_is_followed_with_more_follows(
+    spec: PlantSpec, clock: FakeClock
+) -> None:
+    async with ModbusPlant(spec, max_objects_per_response=1, clock=clock) as p:
+        gateway = p.gateways[0]
+        client = AsyncModbusTcpClient(gateway.host, port=gateway.port, timeout=1, retries=0, reconnect_delay=0)
+        await client.connect()
+        try:  # the simulator really splits: one object an answer, More-Follows 0xFF and the next object id
+            first = await client.read_device_information(read_code=1, object_id=0, device_id=1)
+        finally:
+            client.close()
+        assert isinstance(first, ReadDeviceInformationResponse)
+        assert (len(first.information), first.more_follows, first.next_object_id) == (1, 0xFF, 0x01)
+        before = sum(s["identification"] for s in p.stats().values())
+        async with ModbusConnector.from_config(config_for(p.gateways, unit_ids="1-4")) as connector:
+            observations = list(await connector.observe())
+            health = connector.health()
+        answers = sum(s["identification"] for s in p.stats().values()) - before
+    assert set(by_key(observations)) == {msn(d) for d in spec.on("modbus")}
+    assert {o.evidence["identification_source"] for o in observations} == {"0x2B/0x0E"}
+    assert health.errors == {}
+    # Per device: basic 3 objects (3 answers), regular 0x00-0x05 without 0x03 (5), the private serial (1).
+    assert answers == 9 * len(observations)
+
+
+async def test_absent_ids_that_stay_silent_cost_a_timeout_each_and_are_not_counted(
+    spec: PlantSpec, clock: FakeClock
+) -> None:
+    async with ModbusPlant(spec, absent="silent", clock=clock) as p:
+        cfg = config_for(p.gateways, unit_ids="1-6", timeout_s=0.03)
+        async with ModbusConnector.from_config(cfg) as connector:
+            observations = list(await connector.observe())
+            health = connector.health()
+        stats = p.stats()
+    assert set(by_key(observations)) == {msn(d) for d in spec.on("modbus")}
+    assert health.errors == {}
+    for gateway in p.gateways:
+        assert stats[gateway.address]["absent"] == 0  # no 0x0B: the absent ids were simply not answered
+        assert stats[gateway.address]["silenced"] == 6 - len(gateway.unit_ids) > 0
+        assert health.extra["gateways"][gateway.address]["swept"] == 6
+
+
 async def test_silent_devices_stay_reachable_while_active_ones_turn_active(
     spec: PlantSpec, plant: ModbusPlant, clock: FakeClock
 ) -> None:
@@ -254,21 +297,77 @@ async def test_down_and_garbage_gateways_are_counted_and_the_others_still_seen(
     assert gateways[f"127.0.0.1:{garbage_port}"]["present"] == 0
 
 
+def _mbap(tid: int, unit: int, pdu: bytes, *, protocol_id: int = 0, length: int | None = None) -> bytes:
+    size = len(pdu) + 1 if length is None else length
+    return tid.to_bytes(2, "big") + protocol_id.to_bytes(2, "big") + size.to_bytes(2, "big") + bytes([unit]) + pdu
+
+
+def _tid(request: bytes) -> int:
+    return int.from_bytes(request[:2], "big")
+
+
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "logged"),
     [
-        pytest.param(_http_error, id="not-modbus"),
-        pytest.param(_framed(b"\x04\x04\x00\x01\x00\x02"), id="wrong-function"),
-        pytest.param(_framed(b"\x03\x04\x00\x01\x00\x02"), id="registers-to-everything"),
-        pytest.param(_framed(b"\x2b\x0e"), id="undecodable"),
-        pytest.param(_framed(b"\x03\x02\x00\x01"), id="short-read"),
+        pytest.param(_http_error, "not Modbus TCP: MBAP header 485454", id="not-modbus"),
+        pytest.param(lambda r: b"A" * 1000, "not Modbus TCP: MBAP header 414141", id="flood"),
+        pytest.param(_framed(b"\x04\x04\x00\x01\x00\x02"), "ReadInputRegistersResponse (function 0x4)",
+                     id="wrong-function-echo"),
+        pytest.param(_framed(b"\x03\x04\x00\x01\x00\x02"), "(function 0x3) to a 0x2b request",
+                     id="registers-to-everything"),
+        pytest.param(_framed(b"\x83"), "exception answer of 1 bytes", id="exception-without-code"),
+        pytest.param(_framed(b"\x2b\x0e"), "shorter than its 7-byte header", id="undecodable"),
+        pytest.param(_framed(b"\x03\x02\x00\x01"), "1 registers where 2 were asked", id="short-read"),
+        pytest.param(_framed(b"\x03\x04\x00\x01"), "byte count 4 in a 4-byte PDU", id="byte-count-too-big"),
+        pytest.param(lambda r: _mbap(_tid(r) + 1000, r[6], b"\x03\x04\x00\x01\x00\x02"),
+                     "transaction id", id="wrong-transaction-id"),
+        pytest.param(lambda r: _mbap(_tid(r), r[6] + 1, b"\x03\x04\x00\x01\x00\x02"),
+                     "answer from unit 2 to a request for unit 1", id="wrong-unit-id"),
+        pytest.param(lambda r: _mbap(_tid(r), r[6], b"\x03\x04\x00\x01\x00\x02", protocol_id=7),
+                     "protocol id 7", id="wrong-protocol-id"),
+        pytest.param(lambda r: _mbap(_tid(r), r[6], b"\x03\x04\x00\x01\x00\x02", length=40),
+                     "truncated frame", id="mbap-length-too-long"),
+        pytest.param(lambda r: _mbap(_tid(r), r[6], b"\x03\x04\x00\x01\x00\x02", length=3),
+                     "byte count 4 in a 2-byte PDU", id="mbap-length-too-short"),
+        pytest.param(lambda r: r[:5], "truncated frame", id="truncated-mbap"),
     ],
 )
-async def test_a_peer_answering_garbage_is_counted_and_never_a_device(answer: Callable[[bytes], bytes]) -> None:
+async def test_a_peer_answering_garbage_is_counted_logged_and_never_a_device(
+    answer: Callable[[bytes], bytes], logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
     port = free_port()
     server = await _garbage_server(port, answer)
     try:
         cfg = {"gateways": [{"host": "127.0.0.1", "port": port, "unit_ids": "1-4"}], "timeout_s": 0.05}
+        with caplog.at_level(logging.WARNING, logger="connectors.modbus.connector"):
+            async with ModbusConnector.from_config(cfg) as connector:
+                observations = await connector.observe()
+                health = connector.health()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert list(observations) == []
+    assert health.errors["garbage"] >= 1
+    assert health.extra["gateways"][f"127.0.0.1:{port}"]["present"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "connectors.modbus.connector"]
+    bad = [m for m in warnings if ": bad answer: " in m]
+    assert len(bad) == 1, warnings  # one clear line per gateway and error code; repeats go to DEBUG
+    assert f"modbus gateway 127.0.0.1:{port}: bad answer: unit 1: " in bad[0]
+    assert logged in bad[0]
+
+
+async def test_more_follows_without_progress_is_garbage_and_the_unit_not_counted() -> None:
+    def answer(request: bytes) -> bytes:
+        if request[7] == 0x03:
+            return _framed(b"\x03\x04\x00\x01\x00\x02")(request)
+        if request[7] == 0x2B:  # More-Follows, but the next object id goes back to the start
+            return _framed(b"\x2b\x0e\x01\x83\xff\x00\x01\x00\x03ACM")(request)
+        return _framed(bytes([request[7] | 0x80, 0x01]))(request)
+
+    port = free_port()
+    server = await _garbage_server(port, answer)
+    try:
+        cfg = {"gateways": [{"host": "127.0.0.1", "port": port, "unit_ids": "1"}], "timeout_s": 0.05}
         async with ModbusConnector.from_config(cfg) as connector:
             observations = await connector.observe()
             health = connector.health()
@@ -276,8 +375,93 @@ async def test_a_peer_answering_garbage_is_counted_and_never_a_device(answer: Ca
         server.close()
         await server.wait_closed()
     assert list(observations) == []
-    assert health.errors["garbage"] >= 1
-    assert health.extra["gateways"][f"127.0.0.1:{port}"]["present"] == 0
+    assert health.errors == {"garbage": 1}
+
+
+async def test_a_peer_that_hangs_is_counted_and_never_a_device(caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway that accepts the connection and reads every request but never answers anything."""
+    port = free_port()
+    server = await _garbage_server(port, lambda request: b"")
+    try:
+        cfg = {"gateways": [{"host": "127.0.0.1", "port": port, "unit_ids": "1-4"}], "timeout_s": 0.03}
+        with caplog.at_level(logging.WARNING, logger="connectors.modbus.connector"):
+            async with ModbusConnector.from_config(cfg) as connector:
+                observations = await connector.observe()
+                health = connector.health()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert list(observations) == []
+    assert health.errors == {"no_answer": 1}
+    assert health.extra["gateways"][f"127.0.0.1:{port}"] == {
+        "up": True, "swept": 4, "present": 0, "reported": 0, "echo": False
+    }
+    assert any("none of 4 unit ids answered within 0.030 s" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_peer_that_hangs_up_on_every_request_is_counted_connection_lost() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(260)
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    try:
+        cfg = {"gateways": [{"host": "127.0.0.1", "port": port, "unit_ids": "1-10"}], "timeout_s": 0.05}
+        async with ModbusConnector.from_config(cfg) as connector:
+            observations = await connector.observe()
+            health = connector.health()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert list(observations) == []
+    assert health.errors == {"connection_lost": 1}  # after two reconnects, the sweep is given up
+    assert health.extra["gateways"][f"127.0.0.1:{port}"]["swept"] == 4
+
+
+async def test_one_request_in_flight_per_gateway_and_gateways_in_parallel() -> None:
+    """Each peer answers 0x0B after a short pause and records how many requests it held at once."""
+    outstanding: dict[int, int] = {}
+    most: dict[int, int] = {}
+    first_last: dict[int, list[float]] = {}
+
+    def server_for(port: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+        async def answer_soon(writer: asyncio.StreamWriter, request: bytes) -> None:
+            await asyncio.sleep(0.005)  # the peer is a little slow; the test waits on the connector
+            outstanding[port] -= 1
+            writer.write(_framed(bytes([request[7] | 0x80, 0x0B]))(request))
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            loop = asyncio.get_running_loop()
+            pending: set[asyncio.Task[None]] = set()
+            try:
+                while request := await reader.read(260):
+                    outstanding[port] = outstanding.get(port, 0) + 1
+                    most[port] = max(most.get(port, 0), outstanding[port])
+                    first_last.setdefault(port, [loop.time(), 0.0])[1] = loop.time()
+                    task = asyncio.create_task(answer_soon(writer, request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+            finally:
+                writer.close()
+
+        return handle
+
+    ports = [free_port() for _ in range(3)]
+    servers = [await asyncio.start_server(server_for(p), "127.0.0.1", p) for p in ports]
+    try:
+        cfg = {"gateways": [{"host": "127.0.0.1", "port": p, "unit_ids": "1-6"} for p in ports], "timeout_s": 1}
+        async with ModbusConnector.from_config(cfg) as connector:
+            assert list(await connector.observe()) == []
+            health = connector.health()
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+    assert health.errors == {}
+    assert most == dict.fromkeys(ports, 1)
+    # Parallel: every gateway got its first request before any gateway got its last.
+    assert max(first for first, _ in first_last.values()) < min(last for _, last in first_last.values())
 
 
 async def test_silent_unit_ids_do_not_close_the_connection_before_a_later_device() -> None:
@@ -308,7 +492,7 @@ async def test_silent_unit_ids_do_not_close_the_connection_before_a_later_device
     assert len(connections) == 1  # the six silences did not make the client hang up and reconnect
 
 
-async def test_a_slow_gateway_answering_late_is_silence_not_garbage() -> None:
+async def test_a_slow_gateway_answering_late_is_counted_late_not_garbage() -> None:
     """A gateway that answers 0x0B only after the connector's timeout: late frames are set aside, not bad."""
     timeout_s = 0.05
     tasks: set[asyncio.Task[None]] = set()
@@ -339,7 +523,9 @@ async def test_a_slow_gateway_answering_late_is_silence_not_garbage() -> None:
         server.close()
         await server.wait_closed()
     assert list(observations) == []
-    assert health.errors == {}
+    # Answers arrive while a later request waits (the last one after the sweep ended): late, never bad.
+    assert set(health.errors) == {"late_answer"}
+    assert 1 <= health.errors["late_answer"] <= 3
     assert health.extra["gateways"][f"127.0.0.1:{port}"]["swept"] == 4
 
 

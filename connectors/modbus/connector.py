@@ -21,12 +21,17 @@ half-duplex; gateways run in parallel, at most ``max_parallel_gateways`` at once
    ``echo_gateway``, health extra ``echo_gateways``) and the group is reported as ONE device, the lowest
    unit id's.
 
-Bad answers (undecodable frames, wrong function codes, wrong lengths), timeouts of present units and
-connection failures are counted with ``count_error`` and logged once per gateway and error code until that
-gateway has a clean round again; they never raise out of :meth:`ModbusConnector.observe` and never become a
-device: a unit that gave any bad answer in a round is not reported in that round. Three bad answers in a row
-end the gateway's sweep for the round. Well-formed frames that arrive after their request timed out (a slow
-gateway) are set aside as silence, not counted as bad.
+Modbus TCP framing is done here on a plain asyncio stream (pymodbus encodes the requests and decodes the
+answers' PDUs), so every byte a peer sends is accounted for: a frame with a foreign transaction id or unit
+id, a protocol id other than 0, an MBAP length out of range or disagreeing with the PDU, a truncated frame,
+an undecodable PDU, a wrong function code are each a bad answer (``garbage``). Bad answers, timeouts of
+present units, late answers, a gateway that never says a word (``no_answer``) and connection failures are
+counted with ``count_error`` and logged once per gateway and error code until that gateway has a clean
+round again; they never raise out of :meth:`ModbusConnector.observe` and never become a device: a unit that
+gave any bad answer in a round is not reported in that round. Three bad answers in a row end the gateway's
+sweep for the round; a stream that lost its framing is closed and reopened (twice at most a round).
+Well-formed frames that answer an earlier request after it timed out (a slow gateway) are set aside and
+counted as ``late_answer``, not as bad.
 """
 
 from __future__ import annotations
@@ -37,19 +42,16 @@ import logging
 import re
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from types import MappingProxyType
 from typing import Any, Self
 
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
-from pymodbus.pdu import ExceptionResponse, ModbusPDU
-from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
-from pymodbus.pdu.other_message import ReportDeviceIdResponse
-from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.mei_message import ReadDeviceInformationRequest, ReadDeviceInformationResponse
+from pymodbus.pdu.other_message import ReportDeviceIdRequest, ReportDeviceIdResponse
+from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadHoldingRegistersResponse
 
 from connectors.base import (
     ConfigError,
@@ -85,6 +87,10 @@ MAX_TEXT_CHARS = 64  # identification strings from a peer are cut to this length
 MAX_MORE_FOLLOWS = 8  # Read Device Identification continuation requests followed per read
 MAX_CONSECUTIVE_GARBAGE = 3  # a gateway that answers only garbage is given up for the round
 MAX_RECONNECTS = 2  # per gateway and round
+MAX_EXPIRED_REQUESTS = 64  # timed-out requests whose late answers are still recognised as late
+MAX_READ_BYTES = 4096  # one socket read
+MIN_MBAP_LENGTH = 2  # MBAP length field: unit id + function code ...
+MAX_MBAP_LENGTH = 254  # ... + at most 252 bytes of data (a 260-byte ADU)
 PRESENT_EXCEPTIONS = frozenset({0x01, 0x02, 0x03, 0x04})  # the unit answered: it exists
 ABSENT_EXCEPTIONS = frozenset({0x0A, 0x0B})  # the gateway answered for a unit that did not
 
@@ -94,6 +100,8 @@ _FC_READ_HOLDING = 0x03
 _FC_MEI = 0x2B
 _FC_SERVER_ID = 0x11
 _MORE_FOLLOWS = 0xFF
+_MEI_READ_DEVICE_ID = 0x0E
+_MBAP_HEADER = 7  # transaction id, protocol id, length, unit id
 
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -246,18 +254,56 @@ class _Failure(enum.Enum):
     LOST = "lost"  # no connection (and reconnecting failed)
 
 
-def _whole_mbap_frames(data: bytes) -> bool:
-    """True if ``data`` is one or more complete Modbus TCP frames (protocol id 0, consistent lengths)."""
-    offset = 0
-    while offset < len(data):
-        header = data[offset : offset + 7]
-        if len(header) < 7:
-            return False
-        _tid, protocol_id, length = struct.unpack(">HHH", header[:6])
-        if protocol_id != 0 or not 2 <= length <= 254:
-            return False
-        offset += 6 + length
-    return offset == len(data)
+class _BadStream(Exception):
+    """The peer's bytes are not Modbus TCP framing: the stream cannot be resynchronised, so it is closed."""
+
+
+class _PeerClosed(Exception):
+    """The peer closed the connection (or reset it) while an answer was awaited."""
+
+
+class _WrongFrame(Exception):
+    """A well-framed answer that belongs to no request in flight: wrong transaction id or wrong unit id."""
+
+
+def _cut_frame(buffer: bytearray) -> bytes | None:
+    """Cut one complete Modbus TCP frame (MBAP header + PDU) off the front of ``buffer``; None if incomplete."""
+    if len(buffer) < _MBAP_HEADER:
+        return None
+    _tid, protocol_id, length = struct.unpack_from(">HHH", buffer)
+    if protocol_id != 0 or not MIN_MBAP_LENGTH <= length <= MAX_MBAP_LENGTH:
+        raise _BadStream(
+            f"MBAP header {bytes(buffer[:_MBAP_HEADER]).hex()} (protocol id {protocol_id}, length {length}; "
+            f"expected protocol id 0 and length {MIN_MBAP_LENGTH}..{MAX_MBAP_LENGTH})"
+        )
+    end = 6 + length
+    if len(buffer) < end:
+        return None
+    frame = bytes(buffer[:end])
+    del buffer[:end]
+    return frame
+
+
+def _length_problem(pdu: bytes) -> str | None:
+    """Why an answer PDU disagrees with its own length fields (None if it does not), before it is decoded."""
+    function_code = pdu[0]
+    if function_code & 0x80:
+        return None if len(pdu) == 2 else f"exception answer of {len(pdu)} bytes where 2 are expected"
+    if function_code in (_FC_READ_HOLDING, _FC_SERVER_ID):
+        if len(pdu) < 2 or pdu[1] != len(pdu) - 2:
+            return f"byte count {pdu[1] if len(pdu) > 1 else 'missing'} in a {len(pdu)}-byte PDU"
+    elif function_code == _FC_MEI and len(pdu) >= 2 and pdu[1] == _MEI_READ_DEVICE_ID:
+        if len(pdu) < 7:
+            return f"Read Device Identification answer of {len(pdu)} bytes, shorter than its 7-byte header"
+        offset, objects = 7, 0
+        while offset < len(pdu):
+            if offset + 2 > len(pdu) or offset + 2 + pdu[offset + 1] > len(pdu):
+                return f"object {objects + 1} runs past the end of a {len(pdu)}-byte PDU"
+            offset += 2 + pdu[offset + 1]
+            objects += 1
+        if objects != pdu[6]:
+            return f"{objects} objects where the header says {pdu[6]}"
+    return None
 
 
 def _text(raw: bytes) -> str | None:
@@ -325,93 +371,148 @@ class _GatewayRound:
 
 
 class _Session:
-    """One round's connection to one gateway: requests one at a time, failures classified and counted."""
+    """One round's connection to one gateway: one request in flight, every answer checked, failures counted.
+
+    The transport is a plain asyncio stream with Modbus TCP framing done here, so that every byte the peer
+    sends is accounted for (pymodbus's client silently skips frames with a foreign transaction or unit id,
+    drops buffers over 264 bytes and closes the connection after a few silences); requests and answers are
+    encoded and decoded by pymodbus's PDU classes.
+    """
 
     def __init__(self, connector: ModbusConnector, gateway: GatewayConfig, result: _GatewayRound) -> None:
         self._connector = connector
         self.gateway = gateway
         self._result = result
-        self._rx = bytearray()  # bytes received since the current request was sent
-        self.last_rx = b""
+        self.timeout_s = connector.config.timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._buffer = bytearray()  # bytes received and not yet cut into frames
+        self._tid = 0
+        self._expired: dict[int, int] = {}  # transaction id -> unit id of requests given up on, oldest first
+        self._decoder = DecodePDU(is_server=False)
+        self.last_rx = b""  # the frame that answered the last request
         self._garbage_in_a_row = 0
         self.garbage_total = 0
+        self.heard_from = False  # the peer sent any byte this round (a late or a bad answer included)
         self._reconnects = 0
         self.gave_up = False
-        timeout_s = connector.config.timeout_s
-        self._guard_s = timeout_s + 1.0  # outer bound around pymodbus's own timeout
-        self.client = AsyncModbusTcpClient(
-            gateway.host,
-            port=gateway.port,
-            timeout=timeout_s,
-            retries=0,
-            reconnect_delay=0,  # no background reconnects: the sweep decides
-            name=f"modbus {gateway.address}",
-            trace_packet=self._trace_packet,
-        )
-        # pymodbus closes the connection after retries + 3 unanswered requests in a row; silent absent ids
-        # are normal on a serial line, so let the whole sweep go unanswered.
-        self.client.set_max_no_responses(len(gateway.unit_ids) * 8 + 16)
-
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending:
-            self._rx[:] = data[:512]
-            self.last_rx = bytes(data[:512])
-        return data
 
     def fault(self, code: str, message: str, *args: object) -> None:
         self._result.faults += 1
         self._connector._fault(self.gateway.address, code, message, *args)
 
     async def connect(self) -> bool:
+        self.close()
         try:
-            async with asyncio.timeout(self._guard_s):
-                ok = await self.client.connect()
-        except (TimeoutError, OSError, ModbusException) as exc:
-            self.fault("connect_failed", "modbus gateway %s: cannot connect: %s", self.gateway.address, exc)
+            async with asyncio.timeout(self.timeout_s):
+                self._reader, self._writer = await asyncio.open_connection(self.gateway.host, self.gateway.port)
+        except (TimeoutError, OSError) as exc:
+            self.fault("connect_failed", "modbus gateway %s: cannot connect within %.3f s: %s",
+                       self.gateway.address, self.timeout_s, exc or type(exc).__name__)
             return False
-        if not ok:
-            self.fault("connect_failed", "modbus gateway %s: cannot connect (refused or timed out)",
-                       self.gateway.address)
-        return ok
+        return True
 
     def close(self) -> None:
-        self.client.close()
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+        self._buffer.clear()
+        self._expired.clear()  # answers to the old connection's requests cannot come on a new one
 
-    async def request(
-        self, call: Callable[[], Awaitable[ModbusPDU]], expect: type[ModbusPDU], function_code: int
-    ) -> ModbusPDU | _Failure:
-        """One request; returns the answer (possibly an ExceptionResponse) or why there was none."""
+    async def request(self, pdu: ModbusPDU, expect: type[ModbusPDU]) -> ModbusPDU | _Failure:
+        """Send one request and wait ``timeout_s`` for its answer (an ExceptionResponse included)."""
         if self.gave_up:
             return _Failure.LOST
-        if not self.client.connected and (self._reconnects >= MAX_RECONNECTS or not await self._reconnect()):
+        connected = self._writer is not None and not self._writer.is_closing()
+        if not connected and (self._reconnects >= MAX_RECONNECTS or not await self._reconnect()):
             self.gave_up = True
             self.fault("connection_lost", "modbus gateway %s: connection lost; sweep abandoned this round",
                        self.gateway.address)
             return _Failure.LOST
-        self._rx.clear()
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None
+        self._tid = self._tid % 0xFFFF + 1
+        tid, unit, function_code = self._tid, pdu.dev_id, pdu.function_code
+        body = bytes((function_code,)) + pdu.encode()
+        writer.write(struct.pack(">HHHB", tid, 0, len(body) + 1, unit) + body)
         try:
-            async with asyncio.timeout(self._guard_s):
-                response = await call()
-        except (TimeoutError, ModbusException, OSError):
-            received = bytes(self._rx)
-            if received and (not self.client.connected or not _whole_mbap_frames(received)):
-                return self.bad_answer("undecodable or mismatched frame %s", received[:32].hex())
-            # Nothing came, or only well-formed frames pymodbus set aside: a late answer to an earlier
-            # request (a slow gateway) or one for another unit id. Neither is an answer to this request.
+            async with asyncio.timeout(self.timeout_s):
+                frame = await self._answer(reader, tid, unit)
+        except TimeoutError:
+            if self._buffer:
+                pending = bytes(self._buffer)
+                self.close()
+                return self.bad_answer("unit %d: truncated frame %s (%d bytes, then nothing within %.3f s)",
+                                       unit, pending[:32].hex(), len(pending), self.timeout_s)
+            self._expire(tid, unit)
             return _Failure.SILENT
+        except _BadStream as exc:
+            self.close()
+            return self.bad_answer("unit %d: not Modbus TCP: %s", unit, exc)
+        except _WrongFrame as exc:
+            self._expire(tid, unit)  # its own answer, if it still comes, is late rather than foreign
+            return self.bad_answer("unit %d: %s", unit, exc)
+        except (_PeerClosed, OSError) as exc:
+            pending = bytes(self._buffer)
+            self.close()
+            if pending:
+                return self.bad_answer("unit %d: truncated frame %s (%d bytes, then the connection closed)",
+                                       unit, pending[:32].hex(), len(pending))
+            log.debug("modbus gateway %s unit %d: connection closed by the peer (%s)", self.gateway.address, unit,
+                      exc or type(exc).__name__)
+            return _Failure.LOST
+        self.last_rx = frame
+        answer_pdu = frame[_MBAP_HEADER:]
+        problem = _length_problem(answer_pdu)
+        response = None if problem else self._decoder.decode(answer_pdu)
+        if response is None:
+            return self.bad_answer("unit %d: undecodable answer %s%s", unit, frame[:32].hex(),
+                                   f" ({problem})" if problem else "")
         if isinstance(response, ExceptionResponse):
             if response.function_code & 0x7F != function_code:
-                return self.bad_answer("exception for function %#x to a %#x request", response.function_code,
-                                     function_code)
+                return self.bad_answer("unit %d: exception for function %#x to a %#x request", unit,
+                                       response.function_code & 0x7F, function_code)
         elif not isinstance(response, expect) or response.function_code != function_code:
-            return self.bad_answer("%s (function %#x) to a %#x request", type(response).__name__,
-                                 response.function_code, function_code)
+            return self.bad_answer("unit %d: %s (function %#x) to a %#x request", unit, type(response).__name__,
+                                   response.function_code, function_code)
         self._garbage_in_a_row = 0
         return response
 
+    async def _answer(self, reader: asyncio.StreamReader, tid: int, unit: int) -> bytes:
+        """The next frame that answers (tid, unit); late answers to expired requests are set aside."""
+        while True:
+            frame = _cut_frame(self._buffer)
+            if frame is None:
+                try:
+                    data = await reader.read(MAX_READ_BYTES)
+                except ConnectionError as exc:
+                    raise _PeerClosed(str(exc)) from exc
+                if not data:
+                    raise _PeerClosed("end of stream")
+                self._buffer += data
+                self.heard_from = True
+                continue
+            frame_tid, frame_unit = struct.unpack_from(">H", frame)[0], frame[6]
+            if frame_tid == tid and frame_unit == unit:
+                return frame
+            if self._expired.get(frame_tid) == frame_unit:
+                del self._expired[frame_tid]
+                self.fault("late_answer", "modbus gateway %s: unit %d answered after timeout_s=%.3f s and was "
+                           "taken as absent; raise timeout_s if this repeats", self.gateway.address, frame_unit,
+                           self.timeout_s)
+                continue
+            if frame_tid == tid:
+                raise _WrongFrame(f"answer from unit {frame_unit} to a request for unit {unit}")
+            raise _WrongFrame(f"transaction id {frame_tid} answers no request in flight (expected {tid}): "
+                              f"{frame[:32].hex()}")
+
+    def _expire(self, tid: int, unit: int) -> None:
+        self._expired[tid] = unit
+        if len(self._expired) > MAX_EXPIRED_REQUESTS:
+            del self._expired[next(iter(self._expired))]
+
     async def _reconnect(self) -> bool:
         self._reconnects += 1
-        self.client.close()
         return await self.connect()
 
     def bad_answer(self, message: str, *args: object) -> _Failure:
@@ -423,7 +524,6 @@ class _Session:
             self.fault("gateway_abandoned", "modbus gateway %s: %d bad answers in a row; sweep abandoned this round",
                        self.gateway.address, self._garbage_in_a_row)
         return _Failure.GARBAGE
-
 
 # --- the connector -------------------------------------------------------------------------------------
 
@@ -505,19 +605,21 @@ class ModbusConnector(ConnectorBase):
                 unit = await self._probe(session, unit_id)
                 if unit is not None:
                     result.units.append(unit)
+            if not session.heard_from and not session.gave_up:
+                session.fault("no_answer", "modbus gateway %s: connected, but none of %d unit ids answered within "
+                              "%.3f s (a hung gateway, or nothing behind it)", gateway.address, result.swept,
+                              self.config.timeout_s)
         finally:
             session.close()
         return result
 
     async def _probe(self, session: _Session, unit_id: int) -> _Unit | None:
         cfg = self.config
-        client = session.client
         garbage_before = session.garbage_total
         answer = await session.request(
-            partial(client.read_holding_registers, cfg.activity_register, count=cfg.activity_register_count,
-                    device_id=unit_id),
+            ReadHoldingRegistersRequest(address=cfg.activity_register, count=cfg.activity_register_count,
+                                        dev_id=unit_id),
             ReadHoldingRegistersResponse,
-            _FC_READ_HOLDING,
         )
         if isinstance(answer, _Failure):
             return None
@@ -543,8 +645,13 @@ class ModbusConnector(ConnectorBase):
 
     async def _identify(self, session: _Session, unit_id: int) -> _Identification:
         ident = _Identification()
+        garbage_before = session.garbage_total
+
+        def spoilt() -> bool:  # a bad answer: the unit is not counted this round, so stop asking it
+            return session.garbage_total > garbage_before or session.gave_up
+
         objects, adu = await self._read_identification(session, unit_id, read_code=1, object_id=0)
-        if objects is not None:
+        if objects is not None and not spoilt():
             ident.take("0x2B/0x0E", adu, manufacturer=objects.get(0x00), model=objects.get(0x01))
             regular, adu = await self._read_identification(session, unit_id, read_code=2, object_id=0)
             if regular:
@@ -555,15 +662,15 @@ class ModbusConnector(ConnectorBase):
             )
             if private:
                 ident.take("0x2B/0x0E", adu, serial=private.get(self.config.serial_object_id))
+        if spoilt():
+            return ident
         if not ident.complete():
             await self._report_server_id(session, unit_id, ident)
         profile = self.config.serial_register_profile
         if profile is not None and not ident.serial:
             answer = await session.request(
-                partial(session.client.read_holding_registers, profile.address, count=profile.count,
-                        device_id=unit_id),
+                ReadHoldingRegistersRequest(address=profile.address, count=profile.count, dev_id=unit_id),
                 ReadHoldingRegistersResponse,
-                _FC_READ_HOLDING,
             )
             if isinstance(answer, ReadHoldingRegistersResponse) and len(answer.registers) == profile.count:
                 raw = struct.pack(f">{profile.count}H", *(int(r) & 0xFFFF for r in answer.registers))
@@ -579,10 +686,8 @@ class ModbusConnector(ConnectorBase):
         next_id = object_id
         for _ in range(MAX_MORE_FOLLOWS):
             answer = await session.request(
-                partial(session.client.read_device_information, read_code=read_code, object_id=next_id,
-                        device_id=unit_id),
+                ReadDeviceInformationRequest(read_code=read_code, object_id=next_id, dev_id=unit_id),
                 ReadDeviceInformationResponse,
-                _FC_MEI,
             )
             if isinstance(answer, _Failure):
                 if answer is _Failure.SILENT:
@@ -609,9 +714,7 @@ class ModbusConnector(ConnectorBase):
         return objects, first_adu
 
     async def _report_server_id(self, session: _Session, unit_id: int, ident: _Identification) -> None:
-        answer = await session.request(
-            partial(session.client.report_device_id, device_id=unit_id), ReportDeviceIdResponse, _FC_SERVER_ID
-        )
+        answer = await session.request(ReportDeviceIdRequest(dev_id=unit_id), ReportDeviceIdResponse)
         if answer is _Failure.SILENT:
             session.fault("timeout", "modbus gateway %s unit %d: no answer to Report Server ID",
                           session.gateway.address, unit_id)
