@@ -132,7 +132,7 @@ async def _run(config: AgentConfig, duration_s: float | None) -> int:
                 wake.set()
 
         async def deliver_loop() -> None:
-            while True:
+            while not stop.is_set():
                 try:
                     result = await agent.deliver()
                 except AgentError as exc:
@@ -141,7 +141,8 @@ async def _run(config: AgentConfig, duration_s: float | None) -> int:
                 wait = result.retry_after_s if result and result.retry_after_s else config.agent.report_interval_s
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=wait)
+                    async with asyncio.timeout(wait):
+                        await wake.wait()
 
         scheduler = AsyncIOScheduler()
         now = datetime.now().astimezone()
@@ -161,14 +162,17 @@ async def _run(config: AgentConfig, duration_s: float | None) -> int:
         deliverer = asyncio.create_task(deliver_loop(), name="deliver")
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=duration_s)
+                async with asyncio.timeout(duration_s):
+                    await stop.wait()
         finally:
+            # Stop in order: no new jobs, one last round and report, the delivery loop told to finish (not
+            # cancelled mid-request), then one last delivery of whatever is left.
+            stop.set()
             scheduler.shutdown(wait=False)
             await collect()
             await report()
-            deliverer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await deliverer
+            wake.set()
+            await deliverer
             try:
                 result = await agent.deliver()
                 log.info("stopping: %d delivered, %d still in the outbox", result.delivered, result.remaining)
@@ -328,6 +332,11 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        # The protocol libraries log every request (and pymodbus every unanswered probe of an absent unit id,
+        # which is how a sweep works): the connectors count those as metrics instead.
+        for noisy in ("asyncua", "apscheduler", "httpx", "pymodbus"):
+            logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "pymodbus" else logging.CRITICAL)
     try:
         return COMMANDS[args.command](args)
     except (AgentError, ConnectorError, ProtocolError) as exc:

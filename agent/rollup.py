@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Evidence keys that carry raw identity: used for merging, never sent.
 IDENTITY_EVIDENCE_KEYS = frozenset({"manufacturer", "model", "serial", "product_instance_uri"})
+_RANK = {"msn": 3, "uri": 2, "local": 1}
 _STATUS_NAME = {
     DeviceStatus.REGISTERED: "registered",
     DeviceStatus.REACHABLE: "reachable",
@@ -41,7 +42,11 @@ _STATUS_NAME = {
 
 
 def identity_keys(obs: DeviceObservation) -> list[DeviceIdentity]:
-    """Every identity an observation carries, its own first."""
+    """Every identity an observation carries, its own first.
+
+    The last is always the source-local name (protocol, source, local id): it lets a device first seen without
+    its identity (Sparkplug DDATA before the DBIRTH) join the same device once the identity arrives.
+    """
     found = [obs.identity]
     ev = obs.evidence
     m, mo, s = (str(ev.get(k, "") or "") for k in ("manufacturer", "model", "serial"))
@@ -50,6 +55,7 @@ def identity_keys(obs: DeviceObservation) -> list[DeviceIdentity]:
     uri = str(ev.get("product_instance_uri", "") or "")
     if uri.strip():
         found.append(DeviceIdentity.product_instance_uri(uri))
+    found.append(DeviceIdentity.local(obs.protocol, obs.source, obs.local_id))
     return found
 
 
@@ -160,6 +166,7 @@ def summarize(observations: Sequence[DeviceObservation], merged: Sequence[Merged
 
 @dataclass(slots=True)
 class _DeviceAcc:
+    rank: int  # strength of the primary identity's scheme (msn 3, uri 2, local 1)
     aliases: set[str]
     enterprise: str | None
     protocols: set[str]
@@ -182,6 +189,7 @@ class PeriodRollup:
     errors: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
     invalid_enterprises: Counter[str] = field(default_factory=Counter)
+    _owner: dict[str, str] = field(default_factory=dict)  # any fingerprint or alias -> the device's fingerprint
 
     def _valid_enterprise(self, code: str | None) -> str | None:
         """A source that names a malformed USCC does not break the report: the device goes unattributed."""
@@ -196,21 +204,30 @@ class PeriodRollup:
             return None
 
     def add_devices(self, merged: Sequence[MergedDevice], *, now: datetime) -> None:
+        """Fold one round in. A device that shares any fingerprint or alias with one seen earlier in the period
+        is the same device: the two are joined under the stronger identity."""
         for dev in merged:
             enterprise = self._valid_enterprise(dev.enterprise)
             fp = device_fingerprint(self.fingerprint_key, dev.primary.key())
             aliases = {device_fingerprint(self.fingerprint_key, a.key()) for a in dev.aliases}
             sample = next(((o.protocol, o.evidence) for o in dev.observations if o.evidence), None)
-            acc = self.devices.get(fp)
-            if acc is None:
-                self.devices[fp] = _DeviceAcc(aliases, enterprise, set(dev.protocols), dev.status, now, now, sample)
-                continue
-            acc.aliases |= aliases
-            acc.enterprise = acc.enterprise or enterprise
-            acc.protocols |= set(dev.protocols)
-            acc.status = max(acc.status, dev.status)
-            acc.last_seen = now
-            acc.evidence = acc.evidence or sample
+            rank = _RANK[dev.primary.scheme]
+            acc = _DeviceAcc(rank, aliases, enterprise, set(dev.protocols), dev.status, now, now, sample)
+            for earlier_fp in sorted({self._owner[k] for k in {fp, *aliases} if k in self._owner}):
+                earlier = self.devices.pop(earlier_fp)
+                if earlier.rank > acc.rank or (earlier.rank == acc.rank and earlier_fp != fp and earlier_fp < fp):
+                    fp, acc, earlier, earlier_fp = earlier_fp, earlier, acc, fp
+                acc.aliases |= earlier.aliases | {earlier_fp}
+                acc.enterprise = acc.enterprise or earlier.enterprise
+                acc.protocols |= earlier.protocols
+                acc.status = max(acc.status, earlier.status)
+                acc.first_seen = min(acc.first_seen, earlier.first_seen)
+                acc.last_seen = max(acc.last_seen, earlier.last_seen)
+                acc.evidence = acc.evidence or earlier.evidence
+            acc.aliases.discard(fp)
+            self.devices[fp] = acc
+            for k in {fp, *acc.aliases}:
+                self._owner[k] = fp
 
     def add_resolution(self, batch: ResolutionBatch) -> None:
         for b in batch.buckets:

@@ -35,7 +35,7 @@ NODE_ID = "NODE-JX-001"
 class DemoSettings:
     workdir: Path
     history_end: date = date(2025, 12, 31)
-    history_days: int = 120
+    history_days: int = 365
     live_s: float = 12.0
     pace_s: float = 0.1
     node_lines_per_day: int = 288
@@ -235,11 +235,13 @@ class Demo:
             f'unit_ids = "1-{max(g["unit_ids"]) + 2}" }}'
             for g in ps["modbus_gateways"]
         )
+        # rebirth = true: the agent starts after the edge nodes were born, so it asks them (Sparkplug's
+        # Node Control/Rebirth) for the births that carry each device's identity.
         plant_cfg = self.agent_config(
             "plant-agent",
             f'[[connectors.opcua]]\nendpoint = "{ps["opcua_endpoint"]}"\n\n'
             f"[[connectors.modbus]]\ngateways = [\n    {gateways},\n]\n\n"
-            f'[[connectors.mqtt]]\nhost = "{ps["mqtt"]["host"]}"\nport = {ps["mqtt"]["port"]}\n',
+            f'[[connectors.mqtt]]\nhost = "{ps["mqtt"]["host"]}"\nport = {ps["mqtt"]["port"]}\nrebirth = true\n',
         )
         node_cfg = self.agent_config(
             "node-agent",
@@ -342,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m demo", description="Tianping end-to-end demo")
     parser.add_argument("--workdir", type=Path, default=Path("var/demo"))
-    parser.add_argument("--history-days", type=int, default=120)
+    parser.add_argument("--history-days", type=int, default=365)
     parser.add_argument("--live-s", type=float, default=12.0)
     args = parser.parse_args(argv)
     if args.workdir.exists():

@@ -117,7 +117,9 @@ async def run_plant(args: argparse.Namespace) -> int:
 async def run_node(args: argparse.Namespace) -> int:
     from simulator.resolution_node import ResolutionNode
 
-    node = ResolutionNode(args.log_dir, seed=args.seed, prefixes=args.prefixes, rate_per_s=args.rate_per_s)
+    node = ResolutionNode(
+        args.log_dir, seed=args.seed, prefixes=args.prefixes, rate_per_s=max(args.rate_per_s, 1.0)
+    )
     tz = ZoneInfo("Asia/Shanghai")
     if args.history_start and args.history_days > 0:
         spacing = 86_400 / max(1, args.history_lines_per_day)
@@ -133,7 +135,7 @@ async def run_node(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     if args.state:
-        _write_json(args.state, node.ground_truth())
+        _write_json(args.state, node.ground_truth().as_count_dict())
     return 0
 
 

@@ -30,7 +30,7 @@ def obs(protocol: str, identity: DeviceIdentity, status: DeviceStatus, **evidenc
     return DeviceObservation(
         protocol=protocol,
         source=f"{protocol}://x",
-        local_id="n",
+        local_id=identity.key(),
         identity=identity,
         status=status,
         observed_at=T0,
@@ -137,7 +137,10 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
     [
         ('[agent]\nname = "a"\nverifier_url = "http://x"\ncolour = 1\n', r"unknown keys \['colour'\]"),
         ('[agent]\nname = "a"\nverifier_url = "ftp://x"\n', r"expected an http:// or https:// URL, got 'ftp://x'"),
-        ('[agent]\nname = "a"\nverifier_url = "http://x"\ncollect_interval_s = "fast"\n', r"expected a number, got str"),
+        (
+            '[agent]\nname = "a"\nverifier_url = "http://x"\ncollect_interval_s = "fast"\n',
+            r"expected a number, got str",
+        ),
         ('[agent]\nname = "a"\nverifier_url = "http://x"\ntimezone = "Mars/Base"\n', r"IANA time zone.*Mars/Base"),
         ('[agent]\nname = "a"\nverifier_url = "http://x"\n[[connectors.zigbee]]\nx = 1\n', r"unknown connector kind"),
         ("[agent\n", r"expected TOML, got a syntax error"),
@@ -204,3 +207,43 @@ def test_device_with_malformed_enterprise_code_is_kept_unattributed_and_counted(
     (entry,) = r.device_entries()
     assert entry.enterprise is None and entry.status == "active"
     assert {s.kind: dict(s.errors) for s in r.connector_statuses()} == {"agent": {"enterprise_invalid": 1}}
+
+
+def test_sparkplug_device_seen_before_its_birth_joins_itself_once_the_identity_arrives() -> None:
+    """An agent that starts after the DBIRTH sees DDATA only (a protocol-local identity); after a rebirth the
+    same device carries manufacturer + model + serial. Within one period that is one device, not two."""
+    ddata_only = DeviceObservation(
+        protocol="mqtt",
+        source="mqtt://b:1883",
+        local_id="g/e/d1",
+        identity=DeviceIdentity.local("mqtt", "g", "e", "d1"),
+        status=DeviceStatus.ACTIVE,
+        observed_at=T0,
+    )
+    born = DeviceObservation(
+        protocol="mqtt",
+        source="mqtt://b:1883",
+        local_id="g/e/d1",
+        identity=DeviceIdentity.manufacturer_model_serial("ACME", "X1", "SN1"),
+        status=DeviceStatus.ACTIVE,
+        observed_at=T0,
+        evidence={"manufacturer": "ACME", "model": "X1", "serial": "SN1"},
+    )
+    via_opcua = obs(
+        "opcua",
+        DeviceIdentity.product_instance_uri("urn:x"),
+        DeviceStatus.ACTIVE,
+        manufacturer="ACME",
+        model="X1",
+        serial="SN1",
+    )
+    r = PeriodRollup(FP_KEY)
+    r.add_devices(merge_observations([ddata_only]), now=T0)
+    r.add_devices(merge_observations([born, via_opcua]), now=T0 + timedelta(minutes=1))
+    (entry,) = r.device_entries()
+    assert entry.protocols == ("mqtt", "opcua")
+    assert entry.first_seen == T0 and entry.last_seen == T0 + timedelta(minutes=1)
+    msn = DeviceIdentity.manufacturer_model_serial("ACME", "X1", "SN1").key()
+    from protocol.fingerprint import device_fingerprint
+
+    assert entry.fp == device_fingerprint(FP_KEY, msn)
