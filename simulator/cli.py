@@ -135,7 +135,8 @@ async def run_node(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     if args.state:
-        _write_json(args.state, node.ground_truth().as_count_dict())
+        truth = node.ground_truth()
+        _write_json(args.state, {**truth.as_count_dict(), "recreated": len(truth.recreated)})
     return 0
 
 
