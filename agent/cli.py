@@ -342,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AgentError, ConnectorError, ProtocolError) as exc:
         print(f"tianping-agent: {getattr(exc, 'code', 'error')}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"tianping-agent: file_unreadable: expected a readable file, got {exc.strerror}: {exc.filename}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
