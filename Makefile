@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := mosquitto
+DEB_PACKAGES := mosquitto curl
 PYTEST_ARGS ?=
 
 .PHONY: all demo test lint typecheck deps venv clean
