@@ -40,6 +40,8 @@ Behaviour of real servers that asyncua's server lacks, switched on by options:
 - ``max_references_per_node``: Browse answers at most this many references per node (or fewer when the
   client asks for fewer) and hands out continuation points that BrowseNext drains (asyncua's own server
   ignores RequestedMaxReferencesPerNode and does not implement BrowseNext);
+- Browse answers only the ReferenceDescription fields of the request's ResultMask, and Read only the
+  timestamps of its TimestampsToReturn, as the specification asks (asyncua's server always sends all);
 - ``max_nodes_per_read`` / ``max_nodes_per_browse``: advertised in ServerCapabilities/OperationLimits and
   enforced (a larger request is refused with BadTooManyOperations);
 - ``id_prefix`` and :meth:`OpcuaPlant.reload`: the same devices under other node ids, as after a server
@@ -216,12 +218,13 @@ class _Processor(UaProcessor):
         if typeid == _READ:
             read = struct_from_binary(ua.ReadParameters, body)
             _limit(len(read.NodesToRead), b.max_nodes_per_read)
-            response = ua.ReadResponse(Results=await session.read(read))
+            response = ua.ReadResponse(Results=_timestamps(await session.read(read), read.TimestampsToReturn))
             name = "Read"
         elif typeid == _BROWSE:
             browse = struct_from_binary(ua.BrowseParameters, body)
             _limit(len(browse.NodesToBrowse), b.max_nodes_per_browse)
-            results = await session.browse(browse)
+            results = [_masked(r, d.ResultMask) for r, d in zip(await session.browse(browse), browse.NodesToBrowse,
+                                                                  strict=True)]
             page = min(x for x in (browse.RequestedMaxReferencesPerNode, b.max_references_per_node, 1 << 31) if x)
             response = ua.BrowseResponse(Results=[self._page(r, page) for r in results])
             name = "Browse"
@@ -255,6 +258,36 @@ class _Processor(UaProcessor):
 
 def _status(code: int) -> ua.StatusCode:
     return ua.StatusCode(ua.UInt32(code))
+
+
+_ALL = int(ua.BrowseResultMask.All)
+
+
+def _masked(result: ua.BrowseResult, mask: int) -> ua.BrowseResult:
+    """Only the ReferenceDescription fields the client asked for (asyncua's server returns them all)."""
+    if mask & _ALL == _ALL or not result.References:
+        return result
+    null = ua.NodeId()
+    return ua.BrowseResult(StatusCode=result.StatusCode, References=[ua.ReferenceDescription(
+        ReferenceTypeId=r.ReferenceTypeId if mask & 1 else null,
+        IsForward=r.IsForward,
+        NodeId=r.NodeId,
+        BrowseName=r.BrowseName if mask & 8 else ua.QualifiedName(),
+        DisplayName=r.DisplayName if mask & 16 else ua.LocalizedText(),
+        NodeClass=r.NodeClass if mask & 4 else ua.NodeClass.Unspecified,
+        TypeDefinition=r.TypeDefinition if mask & 32 else null,
+    ) for r in result.References])
+
+
+def _timestamps(values: list[ua.DataValue], which: ua.TimestampsToReturn) -> list[ua.DataValue]:
+    """Only the timestamps the client asked for (asyncua's server returns the stored ones)."""
+    if which == ua.TimestampsToReturn.Both:
+        return values
+    source = which == ua.TimestampsToReturn.Source
+    server = which == ua.TimestampsToReturn.Server
+    return [ua.DataValue(Value=v.Value, StatusCode=v.StatusCode,
+                         SourceTimestamp=v.SourceTimestamp if source else None,
+                         ServerTimestamp=v.ServerTimestamp if server else None) for v in values]
 
 
 def _limit(count: int, limit: int) -> None:
