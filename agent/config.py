@@ -36,6 +36,7 @@ _AGENT_KEYS = {
     "request_timeout_s",
     "max_backoff_s",
     "evidence_sample_size",
+    "metrics_port",  # issue 7: Prometheus /metrics of the agent (absent: not served)
 }
 
 
@@ -50,6 +51,7 @@ class AgentSettings:
     request_timeout_s: float = 10.0
     max_backoff_s: float = 300.0
     evidence_sample_size: int = 5
+    metrics_port: int | None = None  # issue 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,9 @@ class AgentConfig:
     path: Path
     agent: AgentSettings
     connectors: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
+    # Operator-declared identities: (protocol, source, local id) -> a name shared by one physical device's
+    # entries, for devices no protocol identifies well enough to merge on its own.
+    same_device: Mapping[tuple[str, str, str], str] = field(default_factory=dict)
 
     @property
     def key_path(self) -> Path:
@@ -97,9 +102,11 @@ def parse_config(text: str, *, path: Path) -> AgentConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AgentConfigError(f"{path}: expected TOML, got a syntax error: {exc}") from None
-    unknown = sorted(set(raw) - {"agent", "connectors"})
+    unknown = sorted(set(raw) - {"agent", "connectors", "same_device"})
     if unknown:
-        raise AgentConfigError(f"{path}: unknown top-level tables {unknown}; expected only ['agent', 'connectors']")
+        raise AgentConfigError(
+            f"{path}: unknown top-level tables {unknown}; expected only ['agent', 'connectors', 'same_device']"
+        )
     table = raw.get("agent")
     if not isinstance(table, dict):
         raise AgentConfigError(f"{path}: expected an [agent] table, got {type(table).__name__}")
@@ -119,6 +126,10 @@ def parse_config(text: str, *, path: Path) -> AgentConfig:
     sample = table.get("evidence_sample_size", 5)
     if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample <= 1000:
         raise AgentConfigError(f"[agent].evidence_sample_size: expected an integer from 0 to 1000, got {sample!r}")
+    metrics_port = table.get("metrics_port")  # issue 7
+    if metrics_port is not None and (isinstance(metrics_port, bool) or not isinstance(metrics_port, int)
+                                     or not 1 <= metrics_port <= 65535):
+        raise AgentConfigError(f"[agent].metrics_port: expected an integer from 1 to 65535, got {metrics_port!r}")
     settings = AgentSettings(
         name=_str(table, "name"),
         data_dir=(path.parent / _str(table, "data_dir", ".")).resolve(),
@@ -129,6 +140,7 @@ def parse_config(text: str, *, path: Path) -> AgentConfig:
         request_timeout_s=_num(table, "request_timeout_s", 10, lo=0.1, hi=600),
         max_backoff_s=_num(table, "max_backoff_s", 300, lo=0.1, hi=86_400),
         evidence_sample_size=sample,
+        metrics_port=metrics_port,
     )
     connectors = raw.get("connectors", {})
     if not isinstance(connectors, dict):
@@ -145,7 +157,38 @@ def parse_config(text: str, *, path: Path) -> AgentConfig:
                 f"got {type(entries).__name__}"
             )
         parsed[kind] = tuple(entries)
-    return AgentConfig(path=path, agent=settings, connectors=parsed)
+    same = _same_device(raw.get("same_device", []))
+    return AgentConfig(path=path, agent=settings, connectors=parsed, same_device=same)
+
+
+def _same_device(entries: Any) -> dict[tuple[str, str, str], str]:
+    """``[[same_device]]`` tables: ``name`` and ``members = [{protocol, source, local_id}, ...]`` (two or more)."""
+    where = "[[same_device]]"
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise AgentConfigError(f"{where}: expected an array of tables, got {type(entries).__name__}")
+    declared: dict[tuple[str, str, str], str] = {}
+    for i, entry in enumerate(entries, 1):
+        extra = sorted(set(entry) - {"name", "members"})
+        if extra:
+            raise AgentConfigError(f"{where} #{i}: unknown keys {extra}; expected only ['members', 'name']")
+        name, members = entry.get("name"), entry.get("members")
+        if not isinstance(name, str) or not name:
+            raise AgentConfigError(f"{where} #{i}.name: expected a non-empty string, got {name!r}")
+        if not isinstance(members, list) or len(members) < 2:
+            raise AgentConfigError(f"{where} #{i}.members: expected a list of two or more tables, got {members!r}")
+        for m in members:
+            if not isinstance(m, dict) or set(m) != {"protocol", "source", "local_id"} or not all(
+                isinstance(v, str) and v for v in m.values()
+            ):
+                raise AgentConfigError(
+                    f"{where} #{i}.members: expected tables {{protocol, source, local_id}} of non-empty strings, "
+                    f"got {m!r}"
+                )
+            key = (m["protocol"], m["source"], m["local_id"])
+            if key in declared and declared[key] != name:
+                raise AgentConfigError(f"{where} #{i}: {key} is already declared as {declared[key]!r}")
+            declared[key] = name
+    return declared
 
 
 def load_config(path: Path) -> AgentConfig:

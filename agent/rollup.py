@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from connectors.base import (
     OP_CREATE,
@@ -25,8 +25,19 @@ from connectors.base import (
     DeviceStatus,
     ResolutionBatch,
 )
+from connectors.resolution.handle_log import new_identifiers_root
+from connectors.resolution.shape import DayShape, merge_shapes
 from protocol.fingerprint import device_fingerprint
-from protocol.report import ConnectorStatus, DeviceEntry, EvidenceSample, ResolutionCount, ResolutionSummary
+from protocol.report import (
+    ConnectorStatus,
+    DeviceEntry,
+    EvidenceSample,
+    ResolutionCount,
+    ResolutionDay,
+    ResolutionGap,
+    ResolutionShare,
+    ResolutionSummary,
+)
 from protocol.uscc import UsccInvalid, validate_uscc
 
 log = logging.getLogger(__name__)
@@ -34,6 +45,7 @@ log = logging.getLogger(__name__)
 # Evidence keys that carry raw identity: used for merging, never sent.
 IDENTITY_EVIDENCE_KEYS = frozenset({"manufacturer", "model", "serial", "product_instance_uri"})
 _RANK = {"msn": 3, "uri": 2, "local": 1}
+MAX_RESOLUTION_DAYS = 3  # a report's resolution days (late lines of yesterday, today, a skewed tomorrow)
 _STATUS_NAME = {
     DeviceStatus.REGISTERED: "registered",
     DeviceStatus.REACHABLE: "reachable",
@@ -41,7 +53,9 @@ _STATUS_NAME = {
 }
 
 
-def identity_keys(obs: DeviceObservation) -> list[DeviceIdentity]:
+def identity_keys(
+    obs: DeviceObservation, declared: Mapping[tuple[str, str, str], str] | None = None
+) -> list[DeviceIdentity]:
     """Every identity an observation carries, its own first.
 
     The last is always the source-local name (protocol, source, local id): it lets a device first seen without
@@ -56,11 +70,16 @@ def identity_keys(obs: DeviceObservation) -> list[DeviceIdentity]:
     if uri.strip():
         found.append(DeviceIdentity.product_instance_uri(uri))
     found.append(DeviceIdentity.local(obs.protocol, obs.source, obs.local_id))
+    name = (declared or {}).get((obs.protocol, obs.source, obs.local_id))
+    if name is not None:  # the operator declared which entries are one physical device
+        found.append(DeviceIdentity.local("declared", name))
     return found
 
 
 def _primary(ids: Iterable[DeviceIdentity]) -> DeviceIdentity:
-    by_scheme = {i.scheme: i for i in sorted(ids, key=lambda i: i.key())}
+    """msn, else uri, else the operator's declared name, else a protocol-local name (deterministically)."""
+    ordered = sorted(ids, key=lambda i: (i.scheme == "local" and i.parts[0] == "declared", i.key()))
+    by_scheme = {i.scheme: i for i in ordered}
     for scheme in ("msn", "uri", "local"):
         if scheme in by_scheme:
             return by_scheme[scheme]
@@ -93,8 +112,11 @@ class MergedDevice:
         return len({o.enterprise for o in self.observations if o.enterprise}) > 1
 
 
-def merge_observations(observations: Sequence[DeviceObservation]) -> list[MergedDevice]:
-    """Join observations that share any identity key; each group is one physical device."""
+def merge_observations(
+    observations: Sequence[DeviceObservation], declared: Mapping[tuple[str, str, str], str] | None = None
+) -> list[MergedDevice]:
+    """Join observations that share any identity key (or that the operator declared the same device); each
+    group is one physical device."""
     parent: dict[str, str] = {}
 
     def find(k: str) -> str:
@@ -105,7 +127,7 @@ def merge_observations(observations: Sequence[DeviceObservation]) -> list[Merged
 
     keys_of: list[list[DeviceIdentity]] = []
     for obs in observations:
-        ids = identity_keys(obs)
+        ids = identity_keys(obs, declared)
         keys_of.append(ids)
         root = find(ids[0].key())
         for other in ids[1:]:
@@ -159,7 +181,7 @@ def summarize(observations: Sequence[DeviceObservation], merged: Sequence[Merged
         per_protocol={p: tier_counts(s) for p, s in sorted(per.items())},
         union=tier_counts(d.status for d in merged),
         merged_across_protocols=sum(1 for d in merged if len(d.protocols) > 1),
-        unmatched=sum(1 for d in merged if d.primary.scheme == "local"),
+        unmatched=sum(1 for d in merged if d.primary.scheme == "local" and d.primary.parts[0] != "declared"),
         enterprises_active=len({d.enterprise for d in merged if d.status == DeviceStatus.ACTIVE and d.enterprise}),
     )
 
@@ -190,6 +212,10 @@ class PeriodRollup:
 
     invalid_enterprises: Counter[str] = field(default_factory=Counter)
     _owner: dict[str, str] = field(default_factory=dict)  # any fingerprint or alias -> the device's fingerprint
+    # Issue 4: per-day shape of resolution traffic, the period's created handles, gaps in the log.
+    resolution_days: dict[str, DayShape] = field(default_factory=dict)
+    created_handles: set[str] = field(default_factory=set)
+    resolution_gaps: list[tuple[datetime, datetime, str]] = field(default_factory=list)
 
     def _valid_enterprise(self, code: str | None) -> str | None:
         """A source that names a malformed USCC does not break the report: the device goes unattributed."""
@@ -236,6 +262,9 @@ class PeriodRollup:
                 self.new_identifiers += b.count
         self.lines_read += batch.lines_read
         self.malformed_lines += batch.malformed_lines
+        merge_shapes(self.resolution_days, batch.day_shapes.items())
+        self.created_handles.update(batch.created_handles)
+        self.resolution_gaps.extend(batch.gaps)
 
     def note_health(self, kind: str, source: str, errors: Mapping[str, int]) -> None:
         self.errors[(kind, source)] = dict(errors)
@@ -257,6 +286,7 @@ class PeriodRollup:
     def resolution_summary(self, *, has_source: bool) -> ResolutionSummary | None:
         if not has_source:
             return None
+        days = sorted(self.resolution_days.items())[-MAX_RESOLUTION_DAYS:]
         return ResolutionSummary(
             lines_read=self.lines_read,
             malformed_lines=self.malformed_lines,
@@ -265,6 +295,10 @@ class PeriodRollup:
                 ResolutionCount(minute=m, op=op, resp=rc, transport=t, count=n)
                 for (m, op, rc, t), n in sorted(self.buckets.items())
             ),
+            days=tuple(_resolution_day(day, shape) for day, shape in days),
+            new_identifiers_root=new_identifiers_root(self.created_handles).hex() if self.created_handles else None,
+            new_identifiers_count=len(self.created_handles),
+            gaps=tuple(ResolutionGap(start=a, end=b, reason=r[:200]) for a, b, r in self.resolution_gaps[:1000]),
         )
 
     def connector_statuses(self) -> tuple[ConnectorStatus, ...]:
@@ -290,3 +324,29 @@ class PeriodRollup:
             if data:
                 out.append(EvidenceSample(fp=fp, protocol=proto, data=data))  # type: ignore[arg-type]
         return tuple(out)
+
+
+def _resolution_day(day: str, shape: DayShape) -> ResolutionDay:
+    got = shape.summary()
+
+    def shares(items: list[tuple[str, int]]) -> tuple[ResolutionShare, ...]:
+        return tuple(ResolutionShare(name=(name or "?")[:100], count=n) for name, n in items)
+
+    return ResolutionDay(
+        day=date.fromisoformat(day),
+        distinct_identifiers=got["distinct_identifiers"],
+        distinct_clients=got["distinct_clients"],
+        identifiers_sketch=got["identifiers_sketch"],
+        clients_sketch=got["clients_sketch"],
+        lines=got["lines_in_summaries"],
+        top_clients=shares(got["top_clients"]),
+        top_networks=shares(got["top_networks"]),
+        replay_tracked=got["replay_tracked"],
+        replay_duplicates=got["replay_duplicates"],
+        new_tracked=got["new_tracked"],
+        new_resolved=got["new_resolved"],
+        resolution_sample_log2=got["resolution_sample_log2"],
+        registration_sample_log2=got["registration_sample_log2"],
+        resolution_samples=tuple(line[:2000] for line in got["resolution_samples"]),
+        registration_samples=tuple(line[:2000] for line in got["registration_samples"]),
+    )

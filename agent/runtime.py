@@ -122,7 +122,7 @@ class Agent:
                 conn.count_error("round_failed")
                 continue
             observations.extend(res)
-        merged = merge_observations(observations)
+        merged = merge_observations(observations, self.config.same_device)
         self.rollup.add_devices(merged, now=at)
         lines = 0
         for conn in self.connectors:

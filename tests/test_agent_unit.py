@@ -247,3 +247,41 @@ def test_sparkplug_device_seen_before_its_birth_joins_itself_once_the_identity_a
     from protocol.fingerprint import device_fingerprint
 
     assert entry.fp == device_fingerprint(FP_KEY, msn)
+
+
+def test_operator_declared_mapping_joins_devices_no_protocol_could_match() -> None:
+    a = DeviceObservation(
+        protocol="modbus",
+        source="10.0.0.20:502",
+        local_id="3",
+        identity=DeviceIdentity.local("modbus", "10.0.0.20:502", "3"),
+        status=DeviceStatus.ACTIVE,
+        observed_at=T0,
+    )
+    b = DeviceObservation(
+        protocol="mqtt",
+        source="mqtt://b:1883",
+        local_id="factory/line1/press",
+        identity=DeviceIdentity.local("mqtt", "factory", "line1/press"),
+        status=DeviceStatus.REACHABLE,
+        observed_at=T0,
+    )
+    assert len(merge_observations([a, b])) == 2
+    cfg = parse_config(
+        '[agent]\nname = "a"\nverifier_url = "http://x"\n\n[[same_device]]\nname = "press-1"\nmembers = [\n'
+        '  { protocol = "modbus", source = "10.0.0.20:502", local_id = "3" },\n'
+        '  { protocol = "mqtt", source = "mqtt://b:1883", local_id = "factory/line1/press" },\n]\n',
+        path=Path("agent.toml"),
+    )
+    merged = merge_observations([a, b], cfg.same_device)
+    assert len(merged) == 1 and merged[0].protocols == ("modbus", "mqtt")
+    assert summarize([a, b], merged).unmatched == 0
+
+
+def test_declared_mapping_with_one_member_is_refused() -> None:
+    with pytest.raises(AgentConfigError, match=r"members: expected a list of two or more tables"):
+        parse_config(
+            '[agent]\nname = "a"\nverifier_url = "http://x"\n[[same_device]]\nname = "x"\n'
+            'members = [{ protocol = "modbus", source = "h:502", local_id = "1" }]\n',
+            path=Path("agent.toml"),
+        )
