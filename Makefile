@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := mosquitto curl
+DEB_PACKAGES := mosquitto curl openssl postgresql chromium chromium-driver fonts-noto-cjk fonts-wqy-zenhei poppler-utils victoria-metrics systemd
 PYTEST_ARGS ?=
 
 .PHONY: all demo test lint typecheck deps venv clean
@@ -34,7 +34,7 @@ test: venv deps
 
 lint: venv
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy protocol connectors agent verifier simulator demo
+	@$(VENV)/bin/mypy protocol connectors agent verifier simulator demo bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -42,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier", required=True, help="verifier base URL")
     p.add_argument("--token", required=True)
 
+    p = sub.add_parser("rotate-key", help="make a new key and bind it with a request signed by the current key")
+    _config_arg(p)
+
     p = sub.add_parser("run", help="collect, roll up, sign and deliver reports on schedule")
     _config_arg(p)
     p.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: run until signalled)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (default: [agent].metrics_port, else off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (default 127.0.0.1)")
 
     p = sub.add_parser("status", help="enrollment, outbox depth, chain state, last receipt")
     _config_arg(p)
@@ -61,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--format", default="handle-net")
     p.add_argument("--timezone", default="Asia/Shanghai")
+    p.add_argument("--workers", type=int, default=None, help="processes for plain files (default: one per CPU)")
+    p.add_argument("--salt-hex", default=None, help="sample evidence lines under this salt (hex), as the agent does")
 
     p = sub.add_parser(
         "backfill-demo",
@@ -109,7 +117,24 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run(config: AgentConfig, duration_s: float | None) -> int:
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from agent.enroll import rotate_key
+
+    config = load_config(args.config)
+    e = rotate_key(
+        key_path=config.key_path,
+        enrollment_path=config.enrollment_path,
+        now=datetime.now(UTC),
+        timeout_s=config.agent.request_timeout_s,
+    )
+    print(f"rotated: agent {e.agent_id} now signs with key {e.key_id[:16]}… (a running agent picks it up at restart)")
+    return 0
+
+
+async def _run(config: AgentConfig, duration_s: float | None, *, metrics_port: int | None = None,
+               metrics_host: str = "127.0.0.1") -> int:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from agent.runtime import Agent
@@ -119,10 +144,20 @@ async def _run(config: AgentConfig, duration_s: float | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     wake = asyncio.Event()
-    async with Agent(config) as agent:
+    async with Agent(config) as agent, contextlib.AsyncExitStack() as exits:
+        metrics = None
+        port = metrics_port or config.agent.metrics_port
+        if port:  # issue 7: the agent's Prometheus metrics
+            from agent.metrics import AgentMetrics
+
+            metrics = AgentMetrics(agent, config.outbox_path)
+            metrics.serve(port, metrics_host)
+            exits.callback(metrics.close)
 
         async def collect() -> None:
             r = await agent.collect_round()
+            if metrics is not None:
+                metrics.note_round()
             log.info("round: %d devices active of %d seen", r.summary.union.active, r.summary.union.registered)
 
         async def report() -> None:
@@ -182,7 +217,8 @@ async def _run(config: AgentConfig, duration_s: float | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(load_config(args.config), args.duration_s))
+    return asyncio.run(_run(load_config(args.config), args.duration_s, metrics_port=args.metrics_port,
+                            metrics_host=args.metrics_host))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -245,7 +281,7 @@ async def _scan(config: AgentConfig, rounds: int, interval_s: float) -> dict[str
     health = {f"{c.kind} {c.source}": dict(c.health().errors) for c in conns}
     for c in conns:
         await c.aclose()
-    merged = merge_observations(observations)
+    merged = merge_observations(observations, config.same_device)
     s = summarize(observations, merged)
 
     def tiers(t: Any) -> dict[str, int]:
@@ -289,7 +325,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_count_logs(args: argparse.Namespace) -> int:
     from connectors.resolution import count_files
 
-    print(json.dumps(count_files(args.paths, fmt=args.format, tz=args.timezone), ensure_ascii=False, sort_keys=True))
+    salt = bytes.fromhex(args.salt_hex) if args.salt_hex else None
+    result = count_files(args.paths, fmt=args.format, tz=args.timezone, workers=args.workers, salt=salt)
+    print(json.dumps(result, ensure_ascii=False, sort_keys=True))
     return 0
 
 
@@ -321,6 +359,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 COMMANDS = {
     "init": cmd_init,
     "enroll": cmd_enroll,
+    "rotate-key": cmd_rotate_key,
     "run": cmd_run,
     "status": cmd_status,
     "scan": cmd_scan,

@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 
 from agent.errors import EnrollmentRefused, NotEnrolled
-from protocol.keys import public_key_b64, read_private_key
+from protocol.canonical import canonical_json
+from protocol.envelope import sign_envelope
+from protocol.keys import generate_private_key, key_id, public_key_b64, read_private_key, write_private_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +80,61 @@ def enroll(
     )
     save_enrollment(enrollment, enrollment_path)
     return enrollment
+
+
+# ---- issue 5: key rotation, signed by the old key -------------------------------------------------------------------
+ROTATION_PAYLOAD_TYPE = "application/vnd.tianping.key-rotation.v1+json"  # = verifier.enroll.ROTATION_PAYLOAD_TYPE
+
+
+def _current_key_id(url: str, agent_id: str, timeout_s: float) -> str | None:
+    resp = httpx.get(f"{url}/v1/agents/{agent_id}", timeout=timeout_s)
+    if resp.status_code != 200:
+        return None
+    value = resp.json().get("key_id")
+    return value if isinstance(value, str) else None
+
+
+def rotate_key(*, key_path: Path, enrollment_path: Path, now: datetime, timeout_s: float = 10.0) -> Enrollment:
+    """Make a new key, have the verifier bind it with a request signed by the current key, then switch to it.
+
+    Crash-safe: the new key is written (0600, fsync) before the request and reused by a retry; when the verifier
+    already holds the new key, only the local switch is finished. The old key is kept as ``<key>.old``; reports
+    already signed with it stay valid for the verifier's overlap window. A running agent picks the new key up at
+    its next start.
+    """
+    enrollment = load_enrollment(enrollment_path)
+    old = read_private_key(key_path)
+    new_path = key_path.with_name(key_path.name + ".new")
+    if new_path.exists():
+        new = read_private_key(new_path)
+    else:
+        new = generate_private_key()
+        write_private_key(new, new_path)
+    new_kid = key_id(new.public_key())
+    url = enrollment.verifier_url
+    if _current_key_id(url, enrollment.agent_id, timeout_s) != new_kid:
+        payload = canonical_json({"agent_id": enrollment.agent_id, "old_key_id": key_id(old.public_key()),
+                                  "new_public_key": public_key_b64(new.public_key()),
+                                  "created_at": now.isoformat()})
+        resp = httpx.post(f"{url}/v1/agents/{enrollment.agent_id}/rotate",
+                          content=sign_envelope(payload, old, payload_type=ROTATION_PAYLOAD_TYPE),
+                          headers={"Content-Type": "application/json"}, timeout=timeout_s)
+        if resp.status_code != 200:
+            raise EnrollmentRefused(f"the verifier refused the key rotation with HTTP {resp.status_code} "
+                                    f"({_detail(resp)})")
+    old_copy = key_path.with_name(key_path.name + ".old")
+    if old_copy.exists():
+        old_copy.unlink()
+    os.link(key_path, old_copy)
+    os.replace(new_path, key_path)
+    rotated = replace(enrollment, key_id=new_kid)
+    save_enrollment(rotated, enrollment_path)
+    return rotated
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        err = resp.json()["error"]
+        return f"{err['code']}: {err['message']}"
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:200]

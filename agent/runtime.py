@@ -66,6 +66,13 @@ class Agent:
         self.clock = clock
         self._key = read_private_key(config.key_path)
         self.connectors = build_connectors(config)
+        for c in self.connectors:
+            if c.kind == "resolution":
+                # The verifier-issued sampling salt, and an explicit commit of the tail position only once the
+                # report that carries those lines is in the outbox (a crash in between re-reads, never loses).
+                from connectors.resolution.connector import salt_from_enrollment
+
+                c.bind_agent(salt=salt_from_enrollment(self.enrollment), explicit_commit=True)
         self.outbox = Outbox(config.outbox_path)
         self.deliverer = Deliverer(
             self.enrollment.verifier_url,
@@ -165,6 +172,9 @@ class Agent:
             return sign_envelope(report.to_bytes(), self._key), end
 
         item = self.outbox.append(build)
+        for c in self.connectors:
+            if c.kind == "resolution":
+                c.commit()
         self.period_start = end
         self.reports_signed += 1
         return item

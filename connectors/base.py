@@ -226,6 +226,11 @@ class ResolutionBatch:
     malformed_lines: int = 0
     malformed_samples: Sequence[str] = ()  # a few malformed lines, for the error report
     created_handles: Sequence[str] = ()  # handles successfully created in this round (for Merkle roots, samples)
+    # Issue 4 (optional): creates with their minute, per-day shape (connectors.resolution.shape.DayShape by ISO
+    # date), and stretches with no log data at all: (start, end, reason).
+    created: Sequence[tuple[datetime, str]] = ()
+    day_shapes: Mapping[str, Any] = field(default_factory=dict)
+    gaps: Sequence[tuple[datetime, datetime, str]] = ()
 
 
 @runtime_checkable

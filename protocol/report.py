@@ -7,7 +7,7 @@ part of a report; the verifier derives them.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -86,11 +86,60 @@ class ResolutionCount(_Frozen):
         return self
 
 
+class ResolutionShare(_Frozen):
+    """One heavy client or /24 network and how many of the day's lines it made."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    count: Annotated[int, Field(ge=0)]
+
+
+class ResolutionGap(_Frozen):
+    """A stretch with no log data at all (the log was silent or missing): no data, never zero traffic."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+Base64Sketch = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=16000)]
+LogLineText = Annotated[str, StringConstraints(max_length=2000)]
+
+
+class ResolutionDay(_Frozen):
+    """Shape and evidence of one calendar day (agent's zone) of the period's resolution traffic (issue 4).
+
+    Sketches are Apache DataSketches HLL (lg_k 12) images, base64, over the stable 64-bit hashes of
+    identifiers (successful resolutions) and clients; the verifier merges them across periods. Samples are the
+    lines selected under the verifier-issued salt (connectors/resolution/hashing.py; recomputable)."""
+
+    day: date
+    distinct_identifiers: Annotated[int, Field(ge=0)] = 0
+    distinct_clients: Annotated[int, Field(ge=0)] = 0
+    identifiers_sketch: Base64Sketch = ""
+    clients_sketch: Base64Sketch = ""
+    lines: Annotated[int, Field(ge=0)] = 0  # well-formed lines behind the shares
+    top_clients: Annotated[tuple[ResolutionShare, ...], Field(max_length=20)] = ()
+    top_networks: Annotated[tuple[ResolutionShare, ...], Field(max_length=20)] = ()
+    replay_tracked: Annotated[int, Field(ge=0)] = 0
+    replay_duplicates: Annotated[int, Field(ge=0)] = 0
+    new_tracked: Annotated[int, Field(ge=0)] = 0  # new identifiers in the tracked hash slice
+    new_resolved: Annotated[int, Field(ge=0)] = 0  # of those, resolved the same day
+    resolution_sample_log2: Annotated[int, Field(ge=0, le=62)] = 0  # 0: no salt, no samples
+    registration_sample_log2: Annotated[int, Field(ge=0, le=62)] = 0
+    resolution_samples: Annotated[tuple[LogLineText, ...], Field(max_length=500)] = ()
+    registration_samples: Annotated[tuple[LogLineText, ...], Field(max_length=500)] = ()
+
+
 class ResolutionSummary(_Frozen):
     lines_read: Annotated[int, Field(ge=0)] = 0
     malformed_lines: Annotated[int, Field(ge=0)] = 0
     buckets: tuple[ResolutionCount, ...] = ()
     new_identifiers: Annotated[int, Field(ge=0)] = 0  # successful creates read in this period
+    # Issue 4 (optional; reports without them still parse):
+    days: Annotated[tuple[ResolutionDay, ...], Field(max_length=3)] = ()
+    new_identifiers_root: Hex64 | None = None  # RFC 9162 root over the period's new identifiers (sorted UTF-8)
+    new_identifiers_count: Annotated[int, Field(ge=0)] = 0  # leaves under that root
+    gaps: Annotated[tuple[ResolutionGap, ...], Field(max_length=1000)] = ()
 
 
 class ConnectorStatus(_Frozen):

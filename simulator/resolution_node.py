@@ -24,7 +24,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -54,6 +54,9 @@ _WORDS = ("dev", "part", "lot", "batch", "pump", "valve", "motor", "order", "pal
 _ODD_SUFFIXES = ("new item ", "100%-", "阀门-", "a+b=", "q?x#")
 _INITIAL_HANDLES_PER_PREFIX = 40
 _OTHER_OPS_RATIO = 0.01  # value changes and lists
+# Relative traffic per local hour: quiet at night, peaks mid-morning and mid-afternoon.
+_DIURNAL = (0.15, 0.1, 0.08, 0.07, 0.08, 0.12, 0.3, 0.6, 1.0, 1.3, 1.4, 1.2,
+            0.9, 1.1, 1.35, 1.4, 1.25, 1.0, 0.7, 0.55, 0.45, 0.35, 0.25, 0.2)
 
 
 @dataclass
@@ -87,6 +90,9 @@ class GroundTruth:
     buckets: dict[tuple[datetime, int, int, str], int]
     new_registrations: list[str]  # handles (unescaped) in the order they were first created
     recreated: list[str]  # handles successfully created again after a delete (not new registrations)
+    overwritten: list[str] = field(default_factory=list)  # successful creates of live handles (REST PUT)
+    replayed: int = 0  # lines written again verbatim (adversarial mode)
+    never_resolved: list[str] = field(default_factory=list)  # bulk registrations kept out of resolution
 
     def as_count_dict(self) -> dict[str, Any]:
         """The same shape as ``connectors.resolution.count_files`` returns, without the samples."""
@@ -101,6 +107,7 @@ class GroundTruth:
 class _State:
     live: list[str] = field(default_factory=list)  # handles that currently exist
     live_set: set[str] = field(default_factory=set)
+    logged_live: list[str] = field(default_factory=list)  # created in this log (may since be deleted)
     ever_created: set[str] = field(default_factory=set)  # pre-existing or created in this log
     recreatable: list[str] = field(default_factory=list)  # created in this log, then deleted
     logged_creates: set[str] = field(default_factory=set)
@@ -125,6 +132,8 @@ class ResolutionNode:
         create_ratio: float = 0.05,
         delete_ratio: float = 0.005,
         malformed_every: int = 0,
+        clients: int = 3000,
+        overwrite_ratio: float = 0.0,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         if prefixes < 1:
@@ -135,11 +144,14 @@ class ResolutionNode:
             ("success_ratio", success_ratio),
             ("create_ratio", create_ratio),
             ("delete_ratio", delete_ratio),
+            ("overwrite_ratio", overwrite_ratio),
         ):
             if not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"{name}: expected a ratio in [0, 1], got {ratio}")
         if create_ratio + delete_ratio + _OTHER_OPS_RATIO > 1.0:
             raise ValueError(f"create_ratio + delete_ratio: expected at most 0.99, got {create_ratio + delete_ratio}")
+        if clients < 1:
+            raise ValueError(f"clients: expected at least 1, got {clients}")
         if malformed_every < 0:
             raise ValueError(f"malformed_every: expected 0 (off) or a positive interval, got {malformed_every}")
         self.log_dir = Path(log_dir)
@@ -149,9 +161,11 @@ class ResolutionNode:
         self.create_ratio = create_ratio
         self.delete_ratio = delete_ratio
         self.malformed_every = malformed_every
+        self.overwrite_ratio = overwrite_ratio  # creates that overwrite a live handle (a REST PUT logs as a create)
         self._clock = clock or (lambda: datetime.now(SHANGHAI))
         self._rng = random.Random(seed)
         self.prefixes = self._make_prefixes(prefixes)
+        self.clients = self._make_clients(clients)
         self._state = _State()
         self._serial = 0
         for prefix in self.prefixes:
@@ -164,6 +178,10 @@ class ResolutionNode:
         self._malformed: list[str] = []
         self._new: list[str] = []
         self._recreated: list[str] = []
+        self._overwritten: list[str] = []
+        self._replayed = 0
+        self._never_resolved: list[str] = []
+        self._recent: list[tuple[str, datetime, int, int, str]] = []  # resolution lines, for replays
         self._held = b""
         self._last_ts: datetime | None = None
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +222,119 @@ class ResolutionNode:
         log.debug("rotated %s to %s (copytruncate=%s)", self.path, rotated, copytruncate)
         return rotated
 
+    def write_day(self, day: date, lines: int, *, tz: tzinfo = SHANGHAI, flush_s: float = 60.0) -> None:
+        """Append about ``lines`` lines for one calendar day with a diurnal and weekly rhythm (quiet at night,
+        peaks mid-morning and mid-afternoon, weekends at 40 %), registrations arriving in bursts of 100-2,000
+        (with retries that fail as already existing), written in ``flush_s`` flush bursts as HANDLE.NET does."""
+        if lines < 0 or flush_s <= 0:
+            raise ValueError(f"lines and flush_s: expected lines >= 0 and flush_s > 0, got {lines} and {flush_s}")
+        rng = self._rng
+        weekly = 0.4 if day.weekday() >= 5 else 1.0
+        weights = [weekly * _DIURNAL[m // 60] * (0.9 + 0.2 * rng.random()) for m in range(1440)]
+        total = sum(weights)
+        start = datetime.combine(day, time(0), tzinfo=tz)
+        create_ratio, self.create_ratio = self.create_ratio, 0.0
+        bursts = []
+        budget = int(lines * create_ratio)
+        while budget > 0:
+            size = min(budget, rng.randint(100, 2000))
+            bursts.append((rng.randrange(1440), size))
+            budget -= size
+        try:
+            out: list[str] = []
+            flushed_until = 0.0
+            for minute, w in enumerate(weights):
+                n = int(lines * w / total + rng.random())
+                base = start + timedelta(minutes=minute)
+                stamps = sorted(rng.random() * 60.0 for _ in range(n))
+                for sec in stamps:
+                    out.append(self._next_lines(base + timedelta(seconds=sec)))
+                for at, size in bursts:
+                    if at == minute:
+                        out.extend(self._burst(base + timedelta(seconds=30), size))
+                if (minute + 1) * 60.0 - flushed_until >= flush_s:
+                    self._append("".join(out).encode())
+                    out.clear()
+                    flushed_until = (minute + 1) * 60.0
+            self._append("".join(out).encode())
+        finally:
+            self.create_ratio = create_ratio
+
+    def _burst(self, ts: datetime, size: int) -> list[str]:
+        """A registration burst: ``size`` successful creates under one prefix, 1 in 50 retried (already exists)."""
+        rng = self._rng
+        prefix = rng.choice(self.prefixes)
+        iface = rng.choice(ADMIN_IFACES)
+        out = []
+        st = self._state
+        for i in range(size):
+            when = ts + timedelta(milliseconds=20 * i)
+            if self.overwrite_ratio and st.logged_live and rng.random() < self.overwrite_ratio:
+                handle = rng.choice(st.logged_live)
+                if handle in st.live_set:  # a REST PUT over a live handle: logs as a create, is not new
+                    self._overwritten.append(handle)
+                    self._record(when, OP_CREATE, RC_SUCCESS, iface.partition(":")[0], new=False)
+                    out.append(self._admin_line(when, iface, OP_CREATE, RC_SUCCESS, prefix, handle))
+                    continue
+            handle = self._fresh_handle(prefix, odd=rng.random() < 0.01)
+            self._add_live(handle)
+            self._state.logged_creates.add(handle)
+            self._state.logged_live.append(handle)
+            self._new.append(handle)
+            self._record(when, OP_CREATE, RC_SUCCESS, iface.partition(":")[0], new=True)
+            out.append(self._admin_line(when, iface, OP_CREATE, RC_SUCCESS, prefix, handle))
+            if rng.random() < 0.02:
+                self._record(when, OP_CREATE, RC_ALREADY_EXISTS, iface.partition(":")[0], new=False)
+                out.append(self._admin_line(when, iface, OP_CREATE, RC_ALREADY_EXISTS, prefix, handle))
+        return out
+
+    def _admin_line(self, ts: datetime, iface: str, op: int, resp: int, prefix: str, handle: str) -> str:
+        elapsed = self._rng.randrange(5, 90)
+        adm = f"adm=300:{prefix}/admin"
+        return f'{self.clients[0]} {iface} "{_stamp(ts)}" {op} {resp} {elapsed}ms {adm} {_escape(handle)}\n'
+
+    # --- adversarial modes -----------------------------------------------------------------------------------
+
+    def write_replay(self, n: int) -> None:
+        """Append ``n`` resolution lines written before, verbatim (a replay to inflate the count). They are
+        well-formed, so they are counted; the replay flag is what tells them apart."""
+        if not self._recent:
+            raise ValueError("write_replay: no resolution lines written yet to replay")
+        out = []
+        for _ in range(n):
+            text, ts, op, resp, transport = self._rng.choice(self._recent)
+            self._record(ts, op, resp, transport, new=False)
+            self._replayed += 1
+            out.append(text)
+        self._append("".join(out).encode())
+
+    def write_loop(self, n: int, *, start: datetime, spacing_s: float, clients: int = 3, handles: int = 50) -> None:
+        """A flat scripted loop: ``clients`` clients resolve the same ``handles`` handles round-robin at a constant
+        rate, all successful, around the clock."""
+        rng = self._rng
+        ips = [f"203.0.113.{10 + i}" for i in range(clients)]
+        targets = [rng.choice(self._state.live) for _ in range(handles)]
+        out = []
+        for i in range(n):
+            ts = start + timedelta(seconds=i * spacing_s)
+            self._record(ts, OP_RESOLVE, RC_SUCCESS, "UDP", new=False)
+            out.append(f'{ips[i % clients]} UDP:HDL(2.10) "{_stamp(ts)}" 1 1 2ms  {_escape(targets[i % handles])}\n')
+        self._append("".join(out).encode())
+
+    def write_bulk_unresolved(self, n: int, *, start: datetime, spacing_s: float) -> None:
+        """Bulk registrations of ``n`` new handles that nothing ever resolves (kept out of the live pool)."""
+        prefix = self._rng.choice(self.prefixes)
+        out = []
+        for i in range(n):
+            ts = start + timedelta(seconds=i * spacing_s)
+            handle = self._fresh_handle(prefix, odd=False)
+            self._state.ever_created.add(handle)
+            self._new.append(handle)
+            self._never_resolved.append(handle)
+            self._record(ts, OP_CREATE, RC_SUCCESS, "HTTP", new=True)
+            out.append(self._admin_line(ts, "HTTP:HDLApi", OP_CREATE, RC_SUCCESS, prefix, handle))
+        self._append("".join(out).encode())
+
     def ground_truth(self) -> GroundTruth:
         return GroundTruth(
             days={d.isoformat(): DayTruth(**t.as_dict()) for d, t in sorted(self._days.items())},
@@ -212,6 +343,9 @@ class ResolutionNode:
             buckets=dict(self._buckets),
             new_registrations=list(self._new),
             recreated=list(self._recreated),
+            overwritten=list(self._overwritten),
+            replayed=self._replayed,
+            never_resolved=list(self._never_resolved),
         )
 
     async def run(self) -> None:
@@ -263,6 +397,9 @@ class ResolutionNode:
     def _add_live(self, handle: str) -> None:
         st = self._state
         st.live.append(handle)
+        if len(st.live) > 1:  # a new handle takes a random popularity rank
+            i = self._rng.randrange(len(st.live))
+            st.live[i], st.live[-1] = st.live[-1], st.live[i]
         st.live_set.add(handle)
         st.ever_created.add(handle)
 
@@ -304,8 +441,22 @@ class ResolutionNode:
                 self._add_live(handle)
                 self._recreated.append(handle)
                 resp = RC_SUCCESS
+            elif ok and st.logged_live and self.overwrite_ratio and rng.random() < self.overwrite_ratio:
+                handle = rng.choice(st.logged_live)
+                if handle not in st.live_set:
+                    st.logged_live.remove(handle)
+                    handle = self._fresh_handle(prefix, odd=False)
+                    self._add_live(handle)
+                    st.logged_creates.add(handle)
+                    st.logged_live.append(handle)
+                    self._new.append(handle)
+                    new = True
+                else:
+                    self._overwritten.append(handle)
+                resp = RC_SUCCESS
             elif ok:
                 handle = self._fresh_handle(prefix, odd=rng.random() < 0.03)
+                st.logged_live.append(handle)
                 self._add_live(handle)
                 st.logged_creates.add(handle)
                 self._new.append(handle)
@@ -336,18 +487,39 @@ class ResolutionNode:
             op = OP_RESOLVE
             iface = rng.choice(RESOLVE_IFACES)
             if ok:
-                handle, resp = rng.choice(st.live), RC_SUCCESS
+                handle, resp = self._popular(), RC_SUCCESS
             else:
                 resp = rng.choice((RC_NOT_FOUND,) * 6 + (RC_ERROR, RC_TOO_BUSY, RC_INVALID_HANDLE))
                 handle = rng.choice(st.live) if resp in (RC_ERROR, RC_TOO_BUSY) else self._missing_handle()
         self._record(ts, op, resp, iface.partition(":")[0], new=new)
         adm = f"adm={admin} " if admin else " "
-        return f'{self._ip()} {iface} "{_stamp(ts)}" {op} {resp} {rng.randrange(1, 60)}ms {adm}{_escape(handle)}\n'
+        text = f'{self._ip()} {iface} "{_stamp(ts)}" {op} {resp} {rng.randrange(1, 60)}ms {adm}{_escape(handle)}\n'
+        if op == OP_RESOLVE:
+            recent = self._recent
+            if len(recent) < 20_000:
+                recent.append((text, ts, op, resp, iface.partition(":")[0]))
+            else:
+                recent[rng.randrange(len(recent))] = (text, ts, op, resp, iface.partition(":")[0])
+        return text
 
     def _ip(self) -> str:
-        if self._rng.random() < 0.02:
+        """A client: mostly the node's enterprise systems (a heavy-tailed few make most requests), some strays."""
+        r = self._rng.random()
+        if r < 0.02:
             return f"2001:db8::{self._rng.randrange(1, 0xFFFF):x}"
-        return f"10.{self._rng.randrange(256)}.{self._rng.randrange(256)}.{self._rng.randrange(1, 255)}"
+        if r < 0.05:
+            return f"10.{self._rng.randrange(256)}.{self._rng.randrange(256)}.{self._rng.randrange(1, 255)}"
+        return self.clients[int(len(self.clients) * self._rng.random() ** 2)]
+
+    def _make_clients(self, n: int) -> list[str]:
+        nets = [f"{self._rng.choice((10, 172, 58, 113, 220))}.{self._rng.randrange(256)}.{self._rng.randrange(256)}"
+                for _ in range(max(1, n // 8))]
+        return [f"{self._rng.choice(nets)}.{self._rng.randrange(1, 255)}" for _ in range(n)]
+
+    def _popular(self) -> str:
+        """A live handle by Zipf-like popularity: the handle at rank r is drawn about r**-0.75 as often."""
+        live = self._state.live
+        return live[int(len(live) * self._rng.random() ** 4)]
 
     def _record(self, ts: datetime, op: int, resp: int, transport: str, *, new: bool) -> None:
         # Ground truth is kept from the millisecond-truncated timestamp that is written.

@@ -353,7 +353,7 @@ def test_sample_toml_is_exactly_the_defaults_plus_required_keys() -> None:
     ({"host": "h", "port": "1883"}, "port: expected int, got str"),
     ({"host": "h", "port": True}, "port: expected int, got bool"),
     ({"host": "h", "port": 70000}, r"port: expected 1\.\.65535, got 70000"),
-    ({"host": "h", "tls": True}, "TLS comes in a later release"),
+    ({"host": "h", "tls": True, "keyfile": "k.pem"}, "expected certfile and keyfile together"),
     ({"host": "h", "enterprise_from": "static"}, "enterprise: expected a unified social credit code"),
     ({"host": "h", "enterprise_from": "topic"}, r"enterprise_from: expected one of \['group', 'static'\]"),
     ({"host": "h", "enterprise": "91330400ABC"}, "expected 18 characters"),
@@ -468,6 +468,7 @@ def test_max_devices_bounds_memory() -> None:
         t.send("DDATA", ddata(2 + i), name)
     assert len(t.table.observations(t.at)) == 2
     assert t.errors == ["max_devices_exceeded", "max_devices_exceeded"]
+    assert len(t.table._hot) == 1  # the hot path remembers tracked devices only (d2; d1 sent no DDATA)
 
 
 def test_data_from_an_unborn_node_asks_for_rebirth_only_when_allowed() -> None:
@@ -476,3 +477,119 @@ def test_data_from_an_unborn_node_asks_for_rebirth_only_when_allowed() -> None:
     assert asking.send("DDATA", ddata(5), "d1") == [(Table.G, Table.E)]
     assert asking.send("DDATA", ddata(6), "d1") == []  # rate-limited
     assert read_only.status("d1") == DeviceStatus.ACTIVE
+
+
+def test_max_devices_bounds_edge_nodes_and_plain_topic_devices_too() -> None:
+    t = Table(max_devices=2, topics=["plant/{device}/telemetry"])
+    for edge in ("edge-a", "edge-b", "edge-c"):
+        t.table.handle(f"spBv1.0/{Table.G}/NBIRTH/{edge}", sim.nbirth_payload(1, timestamp_ms=1), retained=False,
+                       received_at=t.at)
+    assert t.table.edge_node_count == 2 and t.errors == ["max_devices_exceeded"]
+    for name in ("p1", "p2", "p3"):
+        t.table.handle(f"plant/{name}/telemetry", b"1", retained=False, received_at=t.at)
+    assert t.table.device_count == 2 and t.errors == ["max_devices_exceeded"] * 2
+
+
+def _payload(seq: int | None, *metrics: dict[str, Any], quality: int | None = None) -> bytes:
+    msg = spb.Payload(timestamp=1)
+    if seq is not None:
+        msg.seq = seq
+    for fields in metrics:
+        m = msg.metrics.add(**fields)
+        if quality is not None:
+            m.properties.keys.append("Quality")
+            m.properties.values.add(type=spb.DataType.INT32, int_value=quality)
+    return bytes(msg.SerializeToString())
+
+
+FAST_PATH_CASES = [
+    _payload(5, {"name": "Value", "double_value": 1.5}),
+    _payload(5, {"name": "Value", "double_value": 1.5}, quality=spb.QUALITY_GOOD),
+    _payload(5, {"name": "Value", "double_value": 1.5}, quality=0),
+    _payload(5, {"name": "Value", "is_null": True}),
+    _payload(5, {"name": "Value", "double_value": 1.5, "is_historical": True}),
+    _payload(5, {"name": "Table", "dataset_value": {"num_of_columns": 0}}),
+    _payload(None, {"name": "Value", "int_value": 3}),
+    _payload(7),
+    _payload(0, {"name": "bdSeq", "long_value": 9}, {"name": "bdSeq", "long_value": 10},
+             {"name": "Properties/Model", "string_value": "M"}, {"name": "Properties/Serial", "boolean_value": True}),
+    _payload(1, {"name": "bdSeq", "boolean_value": True}, {"name": "Properties/Model", "is_null": True}),
+]
+
+
+@pytest.mark.parametrize("payload", FAST_PATH_CASES)
+def test_fast_decoders_agree_with_the_full_decoder(payload: bytes) -> None:
+    full = spb.decode_payload(payload)
+    assert spb.decode_data(payload) == (full.seq, full.has_fresh_value)
+    names = frozenset({"bdSeq", "Properties/Model", "Properties/Serial", "Value"})
+    named = spb.decode_named(payload, names)
+    assert named.seq == full.seq
+    for name in names:
+        assert (named.string(name), named.integer(name)) == (full.string(name), full.integer(name)), name
+
+
+def test_fast_decoders_refuse_malformed_payloads_like_the_full_one() -> None:
+    for decode in (spb.decode_payload, spb.decode_data, lambda p: spb.decode_named(p, frozenset({"bdSeq"}))):
+        with pytest.raises(spb.SparkplugPayloadMalformed, match="not a Sparkplug B protobuf"):
+            decode(b"\xff\xff\xff")
+        with pytest.raises(spb.SparkplugPayloadTooLarge, match="expected at most"):
+            decode(b"\x00" * (spb.MAX_PAYLOAD_BYTES + 1))
+
+
+def test_hot_path_for_known_devices_keeps_every_rule() -> None:
+    t = Table()
+    born(t)
+    t.send("DDATA", ddata(2), "d1")  # from now on d1's DDATA take the hot path
+    t.send("DDATA", ddata(3), "d1", retained=True)
+    t.send("DDATA", b"\xff\xff", "d1")
+    t.send("DDATA", sim.encode_payload([sim.Metric("Value", sim.DOUBLE, 1.0)], seq=None, timestamp_ms=1), "d1")
+    t.send("DDATA", ddata(7), "d1")
+    assert t.errors == ["sparkplug_retained", "sparkplug_payload_malformed", "sparkplug_payload_invalid",
+                        "sparkplug_seq_gap"]
+    t.at += timedelta(seconds=400)
+    t.send("DDATA", _payload(8, {"name": "Value", "double_value": 1.0}, quality=0), "d1")
+    assert t.status("d1") == DeviceStatus.REACHABLE  # bad quality does not refresh
+    t.send("DDEATH", sim.ddeath_payload(seq=9, timestamp_ms=1), "d1")
+    assert t.status("d1") == DeviceStatus.REGISTERED
+    t.send("DDATA", ddata(10), "d1")
+    assert t.status("d1") == DeviceStatus.ACTIVE
+    evidence = t.table.observations(t.at)[0].evidence
+    assert (evidence["message_type"], evidence["seq"], evidence["bd_seq"]) == ("DDATA", 10, 3)
+    assert evidence["payload_sha256"] == hashlib.sha256(ddata(10)).hexdigest()
+
+
+def test_hot_path_asks_for_a_rebirth_after_a_seq_gap_when_allowed() -> None:
+    t = Table(rebirth=True)
+    born(t)
+    assert t.send("DDATA", ddata(2), "d1") == []
+    assert t.send("DDATA", ddata(9), "d1") == [(Table.G, Table.E)]
+
+
+def test_large_payloads_are_hashed_at_once_not_kept() -> None:
+    t = Table()
+    born(t)
+    big = sim.encode_payload([sim.Metric("Value", sim.STRING, "x" * 1000)], seq=2, timestamp_ms=1)
+    t.send("DDATA", big, "d1")
+    evidence = t.table.observations(t.at)[0].evidence
+    assert evidence["payload_sha256"] == hashlib.sha256(big).hexdigest()
+    assert all(isinstance(device.last_payload, str) for device in t.table._devices.values())  # kept: the hash
+
+
+def test_buffered_reads_hand_out_the_stream_in_the_pieces_asked_for() -> None:
+    import socket
+
+    from connectors.mqtt.transport import BufferedReads
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        reader = BufferedReads(b)
+        with pytest.raises(BlockingIOError):
+            reader.recv(1)
+        a.sendall(b"\x30\x05hello\x30\x03abc")
+        assert (reader.recv(1), reader.pending()) == (b"\x30", 11)
+        assert (reader.recv(1), reader.recv(5), reader.recv(1)) == (b"\x05", b"hello", b"\x30")
+        assert (reader.recv(100), reader.pending()) == (b"\x03abc", 0)
+        a.shutdown(socket.SHUT_WR)
+        assert reader.recv(1) == b""  # end of stream, as a socket says it
+        assert reader.fileno() == b.fileno()

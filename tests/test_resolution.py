@@ -83,7 +83,7 @@ class Tally:
         assert self.malformed == len(truth.malformed)
         first_seen = list(dict.fromkeys(self.created))
         assert first_seen == truth.new_registrations
-        assert len(self.created) == len(truth.new_registrations) + len(truth.recreated)
+        assert len(self.created) == len(truth.new_registrations) + len(truth.recreated) + len(truth.overwritten)
 
 
 # --- parser ------------------------------------------------------------------------------------------------
@@ -394,7 +394,9 @@ async def test_missing_log_is_counted_then_followed_once_it_appears(tmp_path: Pa
 
 
 def test_count_files_plain_and_gzip_equal_ground_truth_per_shanghai_day(tmp_path: Path) -> None:
-    node = ResolutionNode(tmp_path, seed=10, malformed_every=400, create_ratio=0.1, delete_ratio=0.03)
+    node = ResolutionNode(
+        tmp_path, seed=10, malformed_every=400, create_ratio=0.1, delete_ratio=0.03, overwrite_ratio=0.05
+    )
     # Written in UTC across two Shanghai midnights, so the day roll-up has to convert.
     node.write_lines(6000, start=datetime(2026, 11, 25, 12, 0, tzinfo=UTC), spacing_s=35.0)
     rotated = node.rotate()
@@ -405,8 +407,10 @@ def test_count_files_plain_and_gzip_equal_ground_truth_per_shanghai_day(tmp_path
     truth = node.ground_truth()
     result = count_files([tmp_path / "access.log.1.gz", tmp_path / "access.log"])
     samples = result.pop("malformed_samples")
+    shapes = result.pop("shapes")
     assert result == truth.as_count_dict()
     assert len(result["days"]) >= 4
+    assert set(shapes) == set(result["days"])
     assert sum(d["creates_ok"] for d in result["days"].values()) == len(truth.new_registrations)
     assert truth.recreated, "the simulation should re-create some deleted handles"
     assert 0 < len(samples) <= 5
@@ -423,7 +427,7 @@ def test_count_files_counts_a_last_line_without_newline(tmp_path: Path) -> None:
 
 
 def test_count_files_refuses_unknown_format_and_zone(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"format: expected one of \['handle-net'\], got 'json'"):
+    with pytest.raises(ValueError, match=r"format: expected one of \['handle-net', 'handle-proxy'\], got 'json'"):
         count_files([tmp_path / "access.log"], fmt="json")
     with pytest.raises(ValueError, match="timezone: expected an IANA zone name"):
         count_files([tmp_path / "access.log"], tz="Mars/Olympus")
@@ -452,7 +456,7 @@ def test_counting_throughput_is_within_reach_of_a_plain_split(tmp_path: Path) ->
 
     def best_of(fn: Any) -> float:
         times = []
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -512,7 +516,7 @@ BAD_CONFIGS: Sequence[tuple[dict[str, Any], str]] = [
     ({"path": ""}, "path: expected the access log's path, got an empty string"),
     ({"path": 7}, "path: expected str, got int 7"),
     ({"path": "a.log", "pth": "x"}, r"unknown keys \['pth'\]"),
-    ({"path": "a.log", "format": "json"}, r"format: expected one of \['handle-net'\], got 'json'"),
+    ({"path": "a.log", "format": "json"}, r"format: expected one of \['handle-net', 'handle-proxy'\], got 'json'"),
     ({"path": "a.log", "max_line_bytes": "8k"}, "max_line_bytes: expected int, got str '8k'"),
     ({"path": "a.log", "max_line_bytes": True}, "max_line_bytes: expected int, got bool True"),
     ({"path": "a.log", "max_line_bytes": 100}, "max_line_bytes: expected an integer from 1024 to 1048576, got 100"),
@@ -527,3 +531,191 @@ BAD_CONFIGS: Sequence[tuple[dict[str, Any], str]] = [
 def test_bad_configuration_is_refused_at_construction(cfg: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ResolutionLogConnector.from_config(cfg)
+
+
+# --- issue 4: explicit commit, gaps, clock skew, rotation styles over a simulated day ----------------------
+
+
+async def test_explicit_commit_checkpoints_only_what_the_agent_stored(tmp_path: Path) -> None:
+    node = ResolutionNode(tmp_path, seed=31)
+    checkpoint = tmp_path / "resolution.json"
+    node.write_lines(1000, start=START, spacing_s=1.0)
+    tally = Tally()
+    async with connector(tmp_path, checkpoint_path=str(checkpoint)) as first:
+        first.bind_agent(salt=b"s" * 32, explicit_commit=True)
+        tally.add(await first.collect())
+        first.commit()  # the report with these 1000 lines is in the outbox
+        stored = json.loads(checkpoint.read_text())["offset"]
+        node.write_lines(500, start=START + timedelta(hours=1), spacing_s=1.0)
+        lost = await first.collect()  # read, but the agent dies before storing its report
+        assert lost.lines_read == 500
+    assert json.loads(checkpoint.read_text())["offset"] == stored  # closing does not commit either
+    async with connector(tmp_path, checkpoint_path=str(checkpoint)) as second:
+        second.bind_agent(salt=None)
+        again = tally.add(await second.collect())
+        second.commit()
+    assert again.lines_read == 500  # read again, not lost
+    tally.assert_matches(node.ground_truth())
+    assert json.loads(checkpoint.read_text())["offset"] == node.path.stat().st_size
+
+
+async def test_silence_is_reported_as_a_gap_never_as_zero_traffic(tmp_path: Path) -> None:
+    node = ResolutionNode(tmp_path, seed=32)
+    async with connector(tmp_path, gap_after_s=600) as conn:
+        node.write_lines(600, start=START, spacing_s=1.0)  # 09:00-09:10
+        first = await conn.collect()
+        node.write_lines(300, start=START + timedelta(hours=2), spacing_s=1.0)  # silent from 09:10 to 11:00
+        second = await conn.collect()
+    assert first.gaps == ()
+    [(gap_start, gap_end, reason)] = second.gaps
+    assert gap_start == START + timedelta(minutes=10)
+    assert gap_end == START + timedelta(hours=2)
+    assert reason == "no log lines"
+    assert all(not gap_start <= b.minute < gap_end for b in second.buckets)
+
+
+async def test_clock_skew_and_late_flushes_keep_counts_exact_and_make_no_gap(tmp_path: Path) -> None:
+    node = ResolutionNode(tmp_path, seed=33)
+    tally = Tally()
+    async with connector(tmp_path) as conn:
+        node.write_lines(1200, start=START, spacing_s=0.5)
+        tally.add(await conn.collect())
+        # a server whose clock runs 7 minutes behind, flushing its 60-second buffer late, in UTC
+        behind = (START - timedelta(minutes=7)).astimezone(UTC)
+        node.write_lines(800, start=behind, spacing_s=0.075)
+        node.write_lines(500, start=START + timedelta(minutes=11), spacing_s=0.1)
+        batch = tally.add(await conn.collect())
+    assert batch.gaps == ()
+    tally.assert_matches(node.ground_truth())
+
+
+@pytest.mark.parametrize("style", ["daily", "monthly", "copytruncate"])
+def test_every_rotation_style_counts_a_simulated_day_exactly(tmp_path: Path, style: str) -> None:
+    node = ResolutionNode(tmp_path, seed=34, malformed_every=997, prefixes=50, overwrite_ratio=0.05)
+    node.write_day(datetime(2026, 11, 24).date(), 8000)
+    rotated = node.rotate(copytruncate=style == "copytruncate")
+    if style == "monthly":
+        rotated = rotated.rename(tmp_path / "access.log-202611")
+    with rotated.open("rb") as src, gzip.open(tmp_path / f"{rotated.name}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)  # compressed once rotated
+    rotated.unlink()
+    node.write_day(datetime(2026, 11, 25).date(), 6000, flush_s=30.0)
+    node.write_lines(50, start=START, spacing_s=1.0, hold_back=17)  # the last line cut in the middle
+    result = count_files([tmp_path / f"{rotated.name}.gz", tmp_path / "access.log"], workers=2)
+    truth = node.ground_truth()
+    assert truth.overwritten, "the simulation should overwrite some handles (logged as creates, not new)"
+    assert result["lines"] == truth.lines  # the cut line counts as a (malformed) line of its own
+    assert result["malformed"] == len(truth.malformed) + 1
+    node.flush()  # the rest of the line arrives
+    result = count_files([tmp_path / f"{rotated.name}.gz", tmp_path / "access.log"], workers=2)
+    samples = result.pop("malformed_samples")
+    shapes = result.pop("shapes")
+    assert result == truth.as_count_dict()
+    assert set(shapes) == set(result["days"])
+    assert 0 < len(samples) <= 5
+
+
+def test_count_files_over_byte_ranges_equals_one_pass(tmp_path: Path) -> None:
+    node = ResolutionNode(tmp_path, seed=35, malformed_every=501)
+    node.write_day(datetime(2026, 11, 24).date(), 30_000)
+    one = count_files([node.path], workers=1)
+    import connectors.resolution.handle_log as handle_log
+
+    small = handle_log.MIN_RANGE_BYTES
+    handle_log.MIN_RANGE_BYTES = 64 << 10  # cut this small file into many ranges
+    try:
+        many = count_files([node.path], workers=2)
+    finally:
+        handle_log.MIN_RANGE_BYTES = small
+    for result in (one, many):
+        result.pop("malformed_samples")
+    assert many["days"] == one["days"] == node.ground_truth().as_count_dict()["days"]
+    assert many["lines"] == one["lines"]
+    day = "2026-11-24"
+    assert many["shapes"][day]["new_identifiers_root"] == one["shapes"][day]["new_identifiers_root"]
+    assert many["shapes"][day]["distinct_identifiers"] == pytest.approx(
+        one["shapes"][day]["distinct_identifiers"], rel=0.03
+    )  # a union of sketches estimates within the sketch's error of the single sketch
+
+
+def test_fast_path_agrees_with_the_reference_on_mutated_lines() -> None:
+    """Lines one byte away from well-formed (in every field) are judged exactly as parse_line judges them."""
+    import random
+
+    rng = random.Random(7)
+    base = [LINE_RESOLVE, LINE_CREATE, LINE_RESOLVE.replace(b"abc123", b"a%2Fb%E9%98%80")]
+    alphabet = b' 0123456789:-."%/adms+\x00\xff\rA'
+    lines = []
+    for _ in range(3000):
+        raw = bytearray(rng.choice(base))
+        for _ in range(rng.randint(1, 2)):
+            i = rng.randrange(len(raw))
+            op = rng.random()
+            if op < 0.4:
+                raw[i] = rng.choice(alphabet)
+            elif op < 0.7:
+                del raw[i]
+            else:
+                raw.insert(i, rng.choice(alphabet))
+        lines.append(bytes(raw).replace(b"\n", b""))
+    expected: Counter[tuple[datetime, int, int, str]] = Counter()
+    created: list[str] = []
+    malformed = 0
+    for text in lines:
+        try:
+            line = parse_line(text)
+        except MalformedLineError:
+            malformed += 1
+            continue
+        expected[(line.minute, line.op_code, line.resp_code, line.transport)] += 1
+        if (line.op_code, line.resp_code) == (100, 1):
+            created.append(line.handle)
+    counter = HandleLogCounter()
+    counter.feed(b"".join(text + b"\n" for text in lines))
+    assert {(b.minute, b.op_code, b.resp_code, b.transport): b.count for b in counter.buckets()} == expected
+    assert counter.created_handles() == created
+    assert counter.malformed == malformed
+    assert 300 < malformed < 2900  # both kinds occur
+
+
+def test_sampling_salt_comes_from_enrollment_or_falls_back_to_the_fingerprint_key() -> None:
+    import base64
+    from types import SimpleNamespace
+
+    from connectors.resolution.connector import salt_from_enrollment
+
+    issued = SimpleNamespace(resolution_salt=base64.b64encode(b"issued salt").decode(), fingerprint_key_bytes=b"fp")
+    assert salt_from_enrollment(issued) == b"issued salt"
+    older = SimpleNamespace(fingerprint_key_bytes=b"fingerprint key")  # enrolled before salts were issued
+    assert salt_from_enrollment(older) == b"fingerprint key"
+
+
+async def test_connector_batches_carry_day_shapes_and_salted_samples(tmp_path: Path) -> None:
+    node = ResolutionNode(tmp_path, seed=36)
+    node.write_lines(5000, start=START, spacing_s=1.0)
+    async with connector(tmp_path, resolution_sample_log2=8, registration_sample_log2=6) as conn:
+        conn.bind_agent(salt=b"issued salt", explicit_commit=False)
+        batch = await conn.collect()
+    [(day, shape)] = batch.day_shapes.items()
+    assert day == "2026-11-26"
+    assert shape.sample_log2 == (8, 6)
+    assert 0 < len(shape.resolution_samples) < 60 and shape.registration_samples
+    assert shape.ids.get_estimate() > 100 and shape.top_clients.total == batch.lines_read
+    assert [h for _, h in batch.created] == list(batch.created_handles)
+
+
+def test_proxy_format_takes_an_optional_quoted_referrer(tmp_path: Path) -> None:
+    node = ResolutionNode(tmp_path, seed=37, malformed_every=101)
+    node.write_lines(3000, start=START, spacing_s=2.0)
+    plain = node.path.read_bytes().splitlines(keepends=True)
+    proxied = tmp_path / "proxy.log"
+    proxied.write_bytes(b"".join(
+        line[:-1] + (b' "https://portal.example/x?a=1"' if i % 3 == 0 else b' ""' if i % 3 == 1 else b"") + b"\n"
+        for i, line in enumerate(plain)
+    ))
+    expected = count_files([node.path], workers=1)
+    got = count_files([proxied], fmt="handle-proxy", workers=1)
+    assert got["days"] == expected["days"] == node.ground_truth().as_count_dict()["days"]
+    assert got["malformed"] == expected["malformed"]
+    refused = count_files([proxied], workers=1)  # the server format does not take a referrer
+    assert refused["malformed"] > 1000

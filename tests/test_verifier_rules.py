@@ -55,7 +55,7 @@ def test_shipped_rule_file_states_the_policy(policy: Policy) -> None:
     assert ops["m2-daily-resolutions-5m"] == (">", 5_000_000) and ops["m2-top-level-node"] == ("=", True)
     assert all(c.window == "calendar_year" and c.definition.zh and c.definition.en for c in policy.criteria)
     assert "registration source" in next(c for c in policy.criteria if c.metric == "new_registrations").definition.en
-    assert set(METRICS) == {c.metric for c in policy.criteria}  # every metric the code knows is used here
+    assert {c.metric for c in policy.criteria} <= set(METRICS)
 
 
 def test_exactly_10000_devices_with_greater_than_fails(policy: Policy) -> None:
@@ -185,7 +185,8 @@ def test_missing_threshold_is_refused() -> None:
     ('requires = ["m5-served-300", "m5-devices-10000"]', 'requires = ["m5-served-3000"]',
      r"\.requires: expected criterion ids from \[\[criteria\]\], got unknown 'm5-served-3000'"),
     ('metric = "connected_devices"', 'metric = "devices_seen"', r"\.metric: expected one of \[.*got 'devices_seen'"),
-    ('window = "calendar_year"', 'window = "rolling_365"', r"\.window: expected one of \['calendar_year'\]"),
+    ('window = "calendar_year"', 'window = "rolling_365"',
+     r"\.window: expected one of \['calendar_year', .*'rolling_<N>_days'\].*got 'rolling_365'"),
     ("connected_device_min_active_days = 30", "connected_device_min_active_days = 0",
      r"definitions\.connected_device_min_active_days: expected an integer ≥ 1, got 0"),
 ])
@@ -201,7 +202,7 @@ def test_app_refuses_to_start_with_a_wrong_rule_file(tmp_path: Path) -> None:
     bad.write_text(_shipped().replace("[definitions]", "[definitions]\nextra = 1"), encoding="utf-8")
     db_url = f"sqlite:///{tmp_path / 'v.sqlite'}"
     init_db(make_engine(db_url))
-    with pytest.raises(RuleFileInvalid, match=r"bad\.toml: definitions: unknown key 'extra'"):
+    with pytest.raises(RuleFileInvalid, match=r"bad\.toml:\d+: definitions: unknown key 'extra'"):
         create_app(VerifierSettings(db_url=db_url, rules_path=bad, admin_token=None))
     with pytest.raises(RuleFileInvalid, match="expected a readable rule file"):
         load_policy(tmp_path / "missing.toml")

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol.envelope import MAX_ENVELOPE_BYTES
 from protocol.errors import ProtocolError, TooLarge
+from verifier.checkpoints import CheckpointSchedule, ensure_note_key
 from verifier.core import DEFAULT_FUTURE_SKEW, DEFAULT_LATE_AFTER
 from verifier.db import agents, db_url_from_env, fingerprint_key, make_engine
 from verifier.enroll import add_applicant, add_enterprise, enroll_agent, issue_token, revoke_agent
@@ -47,8 +48,10 @@ from verifier.errors import (
     error_text,
 )
 from verifier.facts import applicant_verdict, shanghai_day
-from verifier.ingest import ingest_report
+from verifier.ingest import GroupCommitWriter
 from verifier.ledger import ledger_head
+from verifier.ledger_routes import agent_key_router, ledger_router
+from verifier.ratelimit import AgentRateLimiter
 from verifier.rules import DEFAULT_RULES_PATH, load_policy
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,11 @@ class VerifierSettings:
     future_skew_s: int = int(DEFAULT_FUTURE_SKEW.total_seconds())
     late_after_s: int = int(DEFAULT_LATE_AFTER.total_seconds())
     clock: Callable[[], datetime] = utc_now
+    # issue 5: checkpoints and the per-agent rate limit
+    checkpoint_every_s: float = 60.0
+    checkpoint_every_entries: int = 1000
+    agent_rate_per_s: float = 50.0
+    agent_burst: int = 200
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_report_bytes <= 64 * 1024 * 1024:
@@ -198,6 +206,21 @@ def create_app(settings: VerifierSettings) -> FastAPI:
             raise AdminUnauthorized("Authorization: expected 'Bearer <admin token>', got a missing or wrong token")
 
     admin = [Depends(require_admin)]
+    # issue 5: the Merkle ledger's routes, checkpoints signed on a schedule, a per-agent rate limit
+    ensure_note_key(engine)
+    schedule = CheckpointSchedule(every_s=settings.checkpoint_every_s, every_entries=settings.checkpoint_every_entries)
+    limiter = AgentRateLimiter(rate_per_s=settings.agent_rate_per_s, burst=settings.agent_burst)
+    app.include_router(ledger_router(engine, clock=settings.clock, write_lock=write_lock, schedule=schedule,
+                                     admin=admin))
+    writer = GroupCommitWriter(engine, lock=write_lock, clock=settings.clock,
+                               after_commit=lambda: schedule.maybe_sign(engine, now=settings.clock()),
+                               max_bytes=settings.max_report_bytes, future_skew=future_skew, late_after=late_after)
+    app.state.writer = writer
+    app.include_router(agent_key_router(engine, clock=settings.clock, write_lock=write_lock, admin=admin))
+    # issue 6: officials' gates and figures, on-demand and signed annual evaluations, reports
+    from verifier.reports.routes import officials_router
+
+    app.include_router(officials_router(engine, policy, clock=settings.clock, write_lock=write_lock, admin=admin))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -224,10 +247,10 @@ def create_app(settings: VerifierSettings) -> FastAPI:
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise ContentTypeUnsupported(f"Content-Type: expected application/json, got {content_type[:60]!r}")
         envelope = await _read_body(request, settings.max_report_bytes)
-        async with write_lock:
-            result = await run_in_threadpool(
-                lambda: ingest_report(engine, envelope, now=settings.clock(), max_bytes=settings.max_report_bytes,
-                                      future_skew=future_skew, late_after=late_after))
+        limited = limiter.check(envelope, now=time.monotonic())  # issue 5: 429 with Retry-After
+        if limited is not None:
+            return limited
+        result = await writer.submit(envelope)  # issue 5: group commit, answered after the commit
         return JSONResponse(status_code=201 if result.created else 200,
                             content={"receipt": result.receipt.to_json()})
 
@@ -284,6 +307,21 @@ def create_app(settings: VerifierSettings) -> FastAPI:
             await run_in_threadpool(lambda: revoke_agent(engine, agent_id=agent_id, now=settings.clock(),
                                                          reason=body.reason))
         return {"agent_id": agent_id, "revoked": True}
+
+    # ---- issue 7: officials' web console (/console), Prometheus metrics (/metrics), InfluxDB facts (optional) -----
+    from verifier.metrics import install_metrics
+    from verifier.web import mount_console
+
+    mount_console(app, engine=engine, policy=policy, clock=settings.clock, admin_token=settings.admin_token,
+                  rules_path=settings.rules_path)
+    metrics = install_metrics(app, engine)
+    if os.environ.get("TIANPING_INFLUX_URL"):
+        from verifier.influx import FactWriter, InfluxSettings
+
+        influx_settings = InfluxSettings.from_env()
+        if influx_settings is not None:
+            app.state.fact_writer = FactWriter(engine, influx_settings)
+            metrics.listeners.append(app.state.fact_writer.notify)
 
     return app
 

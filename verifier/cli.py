@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,12 +28,16 @@ from rich.console import Console
 from rich.table import Table
 
 from protocol.errors import ProtocolError
+from verifier.audit import audit_main
+from verifier.bundle import export_bundle
+from verifier.checkpoints import ensure_note_key
 from verifier.db import db_url_from_env, init_db, make_engine
 from verifier.eligibility import Verdict
 from verifier.enroll import DEFAULT_TOKEN_TTL, add_applicant, add_enterprise, issue_token, list_applicants, revoke_agent
 from verifier.errors import VerifierError
 from verifier.facts import applicant_verdict, shanghai_day
 from verifier.i18n import LANGS, Lang, pick, t
+from verifier.ledger_routes import sign_now
 from verifier.rules import DEFAULT_RULES_PATH, load_policy
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8700)
     serve.add_argument("--rules", type=Path, default=DEFAULT_RULES_PATH)
+    serve.add_argument("--ssl-certfile", type=Path, help="serve HTTPS with this certificate (PEM; issue 7)")
+    serve.add_argument("--ssl-keyfile", type=Path, help="the certificate's private key (PEM)")
 
     check = sub.add_parser("check", help="print the eligibility verdicts for a year")
     check.add_argument("--year", type=int, required=True)
@@ -83,6 +90,32 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--rules", type=Path, default=DEFAULT_RULES_PATH)
     check.add_argument("--as-of", type=date.fromisoformat, default=None,
                        help="end of the 'last 90 days' window for a year still running (default: today, Shanghai)")
+    # issue 5: checkpoints and audit bundles
+    sub.add_parser("checkpoint", help="sign a checkpoint of the ledger now (refused if inconsistent with the last)")
+    export = sub.add_parser("export-bundle", help="write an offline audit bundle for one applicant and year")
+    export.add_argument("--applicant", required=True)
+    export.add_argument("--year", type=int, required=True)
+    export.add_argument("--out", type=Path, required=True, help="a directory to create")
+    export.add_argument("--rules", type=Path, default=DEFAULT_RULES_PATH)
+    export.add_argument("--as-of", type=date.fromisoformat, default=None)
+    audit = sub.add_parser("audit", help="re-verify an audit bundle offline; exit 1 on any discrepancy")
+    audit.add_argument("bundle", type=Path)
+    audit.add_argument("--key", type=Path, help="a file holding the verifier's note key (default: the bundle's)")
+    audit.add_argument("--checkpoint", type=Path, action="append", default=[],
+                       help="a signed checkpoint obtained earlier (repeatable)")
+    audit.add_argument("--json", action="store_true")
+    # issue 6: gates, on-demand and annual evaluations, reports (and the annual check's options of `serve`)
+    from verifier.reports.cli import add_parsers as add_officials_parsers
+
+    add_officials_parsers(sub)
+    # issue 7: users of the officials' web console (the password is read from stdin, never from argv)
+    user = sub.add_parser("user", help="users of the web console").add_subparsers(dest="action", required=True)
+    u_add = user.add_parser("add", help="add a console user; reads the password from the first line of stdin")
+    u_add.add_argument("--username", required=True)
+    u_add.add_argument("--role", required=True, choices=("admin", "official", "operator"))
+    u_add.add_argument("--applicant", help="the operator's own applicant (operators only)")
+    u_pw = user.add_parser("password", help="set a console user's password (read from stdin)")
+    u_pw.add_argument("--username", required=True)
     return p
 
 
@@ -125,7 +158,8 @@ def render_verdict(verdict: Verdict, lang: Lang, console: Console) -> None:
             result = f"[yellow]{t('superseded', lang)}[/yellow]"
         else:
             result = f"[red]{t('not_eligible', lang)}[/red]"
-        awards.add_row(str(a["measure"]), pick(a["label"], lang), f"{int(a['amount_yuan']):,}", result)
+        amount = f"{Decimal(a['amount_yuan']):,}" if a["amount_yuan"] is not None else "—"
+        awards.add_row(str(a["measure"]), pick(a["label"], lang), amount, result)
     if data["awards"]:
         console.print(awards)
     beside = ", ".join(f"{k}={v}" for k, v in data["beside"].items())
@@ -160,7 +194,15 @@ def _cmd_serve(args: argparse.Namespace, db_url: str) -> int:
     from verifier.api import VerifierSettings, create_app
 
     app = create_app(VerifierSettings(db_url=db_url, rules_path=args.rules))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    from verifier.reports.cli import start_annual  # issue 6: the annual check, caught up at start
+
+    annual = start_annual(args, db_url)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                    ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    finally:
+        if annual is not None:
+            annual.stop()
     return 0
 
 
@@ -178,12 +220,24 @@ def _run(args: argparse.Namespace) -> int:
         ("agent", "revoke"): lambda: _revoke(db_url, args),
         ("serve", None): lambda: _cmd_serve(args, db_url),
         ("check", None): lambda: _cmd_check(args, db_url),
+        ("checkpoint", None): lambda: _print(sign_now(make_engine(db_url), _now())),
+        ("export-bundle", None): lambda: _print({"bundle": str(args.out), "tree_size": export_bundle(
+            make_engine(db_url), applicant_id=args.applicant, year=args.year, out=args.out, rules_path=args.rules,
+            now=_now(), as_of=args.as_of or shanghai_day(_now()))["tree_size"]}),
+        ("audit", None): lambda: audit_main(args.bundle, key_file=args.key, checkpoint_files=args.checkpoint,
+                                            as_json=args.json, out=sys.stdout),
+        ("user", "add"): lambda: _user(db_url, args),  # issue 7
+        ("user", "password"): lambda: _user(db_url, args),
     }
+    from verifier.reports.cli import handlers as officials_handlers  # issue 6
+
+    handlers.update(officials_handlers(args, db_url))
     return handlers[(command, action)]()
 
 
 def _init(db_url: str) -> int:
     created = init_db(make_engine(db_url))
+    ensure_note_key(make_engine(db_url))  # issue 5: the checkpoint signing key
     sys.stderr.write(("initialized " if created else "already initialized ") + db_url + "\n")
     return 0
 
@@ -199,6 +253,19 @@ def _print_token(db_url: str, args: argparse.Namespace) -> int:
     sys.stdout.write(issued.token + "\n")
     sys.stderr.write(f"expires at {issued.expires_at.isoformat()}\n")
     return 0
+
+
+def _user(db_url: str, args: argparse.Namespace) -> int:
+    """issue 7: add a console user or set its password; the password is the first line of stdin."""
+    from verifier.auth import add_user, set_password
+
+    password = sys.stdin.readline().rstrip("\r\n")
+    if args.action == "password":
+        set_password(make_engine(db_url), username=args.username, password=password)
+        return _print({"username": args.username, "password": "changed"})
+    user = add_user(make_engine(db_url), username=args.username, password=password, role=args.role,
+                    applicant_id=args.applicant, now=_now())
+    return _print({"username": user.username, "role": user.role, "applicant_id": user.applicant_id})
 
 
 def _revoke(db_url: str, args: argparse.Namespace) -> int:

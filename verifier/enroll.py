@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -24,21 +26,40 @@ from sqlalchemy.exc import IntegrityError
 from protocol.keys import key_id, load_public_key_b64, public_key_bytes
 from protocol.report import GENESIS_HASH
 from protocol.uscc import validate_uscc
-from verifier.db import agents, applicants, enrollment_tokens, enterprises, fingerprint_key, key_events
+from verifier.db import (
+    agent_keys,
+    agents,
+    applicants,
+    enrollment_tokens,
+    enterprises,
+    fingerprint_key,
+    key_events,
+)
 from verifier.errors import (
+    AgentRevoked,
     AgentUnknown,
     ApplicantExists,
     ApplicantUnknown,
     EnterpriseExists,
     EnterpriseUnknown,
+    KeyAgentMismatch,
     KeyAlreadyEnrolled,
     RequestInvalid,
     TokenExpired,
     TokenUnknown,
     TokenUsed,
 )
+from verifier.ledger import append_key_event, lock_ledger
 
 log = logging.getLogger(__name__)
+
+
+def key_event_body(event: str, *, agent_id: str, applicant_id: str, key_id: str, public_key: bytes | None,
+                   at: datetime, detail: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON a key event's ledger leaf covers (``verifier.ledger.append_key_event`` canonicalizes it)."""
+    return {"event": event, "agent_id": agent_id, "applicant_id": applicant_id, "key_id": key_id,
+            "public_key": None if public_key is None else base64.b64encode(public_key).decode("ascii"),
+            "at": at.astimezone(UTC).isoformat(), "detail": dict(detail)}
 
 DEFAULT_TOKEN_TTL = timedelta(hours=24)
 APPLICANT_KINDS = ("platform", "node")
@@ -157,6 +178,7 @@ def enroll_agent(engine: Engine, *, token: str, public_key_b64: str, agent_name:
     agent_id = "agt-" + kid[:24]
     try:
         with engine.begin() as conn:
+            lock_ledger(conn)
             row = conn.execute(select(enrollment_tokens)
                                .where(enrollment_tokens.c.token_sha256 == token_digest(token))).first()
             if row is None:
@@ -177,6 +199,10 @@ def enroll_agent(engine: Engine, *, token: str, public_key_b64: str, agent_name:
                 name=agent_name, key_id=kid, public_key=raw, enrolled_at=now, next_seq=1, last_hash=GENESIS_HASH))
             conn.execute(insert(key_events).values(agent_id=agent_id, key_id=kid, event="enroll", at=now,
                                                    detail=f"token for applicant {row.applicant_id}"))
+            conn.execute(insert(agent_keys).values(key_id=kid, agent_id=agent_id, public_key=raw, valid_from=now))
+            append_key_event(conn, event=key_event_body(
+                "enroll", agent_id=agent_id, applicant_id=row.applicant_id, key_id=kid, public_key=raw, at=now,
+                detail={"enterprise": row.enterprise_uscc}))
             enterprise = None
             if row.enterprise_uscc is not None:
                 ename = conn.execute(select(enterprises.c.name).where(
@@ -195,7 +221,9 @@ def enroll_agent(engine: Engine, *, token: str, public_key_b64: str, agent_name:
 
 def revoke_agent(engine: Engine, *, agent_id: str, now: datetime, reason: str = "") -> None:
     with engine.begin() as conn:
-        row = conn.execute(select(agents.c.key_id, agents.c.revoked_at).where(agents.c.agent_id == agent_id)).first()
+        lock_ledger(conn)
+        row = conn.execute(select(agents.c.key_id, agents.c.applicant_id, agents.c.revoked_at, agents.c.next_seq)
+                           .where(agents.c.agent_id == agent_id)).first()
         if row is None:
             raise AgentUnknown(f"agent: expected an enrolled agent id, got {agent_id[:64]!r}")
         if row.revoked_at is not None:
@@ -203,4 +231,106 @@ def revoke_agent(engine: Engine, *, agent_id: str, now: datetime, reason: str = 
         conn.execute(update(agents).where(agents.c.agent_id == agent_id).values(revoked_at=now))
         conn.execute(insert(key_events).values(agent_id=agent_id, key_id=row.key_id, event="revoke", at=now,
                                                detail=reason))
+        append_key_event(conn, event=key_event_body(
+            "revoke", agent_id=agent_id, applicant_id=row.applicant_id, key_id=row.key_id, public_key=None, at=now,
+            detail={"reason": reason, "reports_before_revocation": int(row.next_seq) - 1}))
+        # the old reports stay in the ledger, marked by this event (every seq up to reports_before_revocation);
+        # any key the agent held stops now
+        conn.execute(update(agent_keys).where(agent_keys.c.agent_id == agent_id,
+                                              (agent_keys.c.valid_until.is_(None)) | (agent_keys.c.valid_until > now))
+                     .values(valid_until=now))
     log.info("revoked agent %r", agent_id)
+
+
+# ---- issue 5: key rotation signed by the old key, admin rebinding -------------------------------------------------
+ROTATION_PAYLOAD_TYPE = "application/vnd.tianping.key-rotation.v1+json"
+DEFAULT_ROTATION_OVERLAP = timedelta(days=7)
+_ROTATION_FIELDS = {"agent_id", "old_key_id", "new_public_key", "created_at"}
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    agent_id: str
+    old_key_id: str
+    new_key_id: str
+    old_key_valid_until: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "old_key_id": self.old_key_id, "new_key_id": self.new_key_id,
+                "old_key_valid_until": self.old_key_valid_until.isoformat()}
+
+
+def _replace_key(conn: Connection, *, agent_id: str, new_raw: bytes, new_kid: str, now: datetime,
+                 old_valid_until: datetime) -> None:
+    if conn.execute(select(agent_keys.c.key_id).where(agent_keys.c.key_id == new_kid)).first() is not None or \
+            conn.execute(select(agents.c.agent_id).where(agents.c.key_id == new_kid)).first() is not None:
+        raise KeyAlreadyEnrolled(f"new key: expected a key never enrolled, got key {new_kid[:16]}… that was")
+    conn.execute(update(agent_keys).where(agent_keys.c.agent_id == agent_id, agent_keys.c.valid_until.is_(None))
+                 .values(valid_until=old_valid_until))
+    conn.execute(insert(agent_keys).values(key_id=new_kid, agent_id=agent_id, public_key=new_raw, valid_from=now))
+    conn.execute(update(agents).where(agents.c.agent_id == agent_id).values(key_id=new_kid, public_key=new_raw))
+
+
+def rotate_agent_key(engine: Engine, *, agent_id: str, envelope: bytes, now: datetime,
+                     overlap: timedelta = DEFAULT_ROTATION_OVERLAP) -> Rotation:
+    """Bind a new key to an agent on a request signed by its current key; the old key keeps working for reports
+    until ``now + overlap`` (reports already signed and queued with it). Logged as a key event in the ledger."""
+    from protocol.envelope import open_envelope  # local: only rotation needs it here
+
+    with engine.begin() as conn:
+        lock_ledger(conn)
+        row = conn.execute(select(agents).where(agents.c.agent_id == agent_id)).first()
+        if row is None:
+            raise AgentUnknown(f"agent: expected an enrolled agent id, got {agent_id[:64]!r}")
+        if row.revoked_at is not None:
+            raise AgentRevoked(f"agent {agent_id!r}: expected an active agent, got one revoked at "
+                               f"{row.revoked_at.isoformat()}")
+        current = load_public_key_b64(base64.b64encode(bytes(row.public_key)).decode("ascii"))
+        opened = open_envelope(envelope, {row.key_id: current}, payload_type=ROTATION_PAYLOAD_TYPE, max_bytes=4096)
+        try:
+            body = json.loads(opened.payload)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or set(body) != _ROTATION_FIELDS:
+            raise RequestInvalid(f"rotation: expected exactly the fields {sorted(_ROTATION_FIELDS)}, got "
+                                 f"{sorted(body) if isinstance(body, dict) else type(body).__name__}")
+        if body["agent_id"] != agent_id or body["old_key_id"] != row.key_id:
+            raise KeyAgentMismatch(f"rotation: expected agent {agent_id!r} and its current key {row.key_id[:16]}…, "
+                                   f"got {str(body['agent_id'])[:64]!r} and {str(body['old_key_id'])[:16]}…")
+        new_public = load_public_key_b64(str(body["new_public_key"]))
+        new_raw, new_kid = public_key_bytes(new_public), key_id(new_public)
+        valid_until = now + overlap
+        _replace_key(conn, agent_id=agent_id, new_raw=new_raw, new_kid=new_kid, now=now, old_valid_until=valid_until)
+        conn.execute(insert(key_events).values(agent_id=agent_id, key_id=new_kid, event="rotate", at=now,
+                                               detail=f"signed by {row.key_id}; old key valid until "
+                                                      f"{valid_until.isoformat()}"))
+        append_key_event(conn, event=key_event_body(
+            "rotate", agent_id=agent_id, applicant_id=row.applicant_id, key_id=new_kid, public_key=new_raw, at=now,
+            detail={"old_key_id": row.key_id, "old_key_valid_until": valid_until.astimezone(UTC).isoformat(),
+                    "request_envelope_sha256": opened.envelope_hash}))
+    log.info("rotated the key of agent %r to %s… (old key valid until %s)", agent_id, new_kid[:16],
+             valid_until.isoformat())
+    return Rotation(agent_id, row.key_id, new_kid, valid_until)
+
+
+def rebind_agent_key(engine: Engine, *, agent_id: str, public_key_b64: str, now: datetime, admin: str,
+                     reason: str) -> Rotation:
+    """The admin action that replaces an agent's key without the old key (lost or stolen): the old key stops at
+    once, and the action (who, why) is a key event in the ledger."""
+    if not reason.strip():
+        raise RequestInvalid("reason: expected why the binding is replaced, got nothing")
+    public = load_public_key_b64(public_key_b64)
+    new_raw, new_kid = public_key_bytes(public), key_id(public)
+    with engine.begin() as conn:
+        lock_ledger(conn)
+        row = conn.execute(select(agents).where(agents.c.agent_id == agent_id)).first()
+        if row is None:
+            raise AgentUnknown(f"agent: expected an enrolled agent id, got {agent_id[:64]!r}")
+        _replace_key(conn, agent_id=agent_id, new_raw=new_raw, new_kid=new_kid, now=now, old_valid_until=now)
+        conn.execute(insert(key_events).values(agent_id=agent_id, key_id=new_kid, event="rebind", at=now,
+                                               detail=f"by {admin}: {reason}"[:1000]))
+        append_key_event(conn, event=key_event_body(
+            "rebind", agent_id=agent_id, applicant_id=row.applicant_id, key_id=new_kid, public_key=new_raw, at=now,
+            detail={"old_key_id": row.key_id, "admin": admin, "reason": reason}))
+    log.warning("admin %r replaced the key of agent %r (%s)", admin, agent_id, reason)
+    return Rotation(agent_id, row.key_id, new_kid, now)

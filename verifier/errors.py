@@ -168,6 +168,11 @@ ERRORS: dict[str, ErrorText] = {
                               "report"),
     "period_in_future": ErrorText(422, "报告周期结束时间在未来", "The report's period ends in the future"),
     "period_overlap": ErrorText(422, "报告周期与上一份报告重叠", "The report's period overlaps the previous report"),
+    "rate_limited": ErrorText(429, "该代理提交报告过于频繁，请按 Retry-After 稍后重试",
+                              "Too many reports from this agent; retry after the Retry-After delay"),
+    "checkpoint_inconsistent": ErrorText(500, "拒绝签署与已签检查点不一致的检查点：账本可能被回滚或改写",
+                                         "Refused to sign a checkpoint inconsistent with one signed before: the ledger "
+                                         "may have been rolled back or rewritten"),
     "content_type_unsupported": ErrorText(415, "请求内容类型应为 application/json",
                                           "The request content type must be application/json"),
     # administration and lookups

@@ -8,28 +8,40 @@ status seen, the union of protocols and the first known enterprise; resolution-d
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Date, case, func, select
+from sqlalchemy import Date, case, func, inspect, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from protocol.report import STATUS_RANK, ReportV1
-from verifier.db import device_aliases, device_days, resolution_days
-from verifier.eligibility import ACTIVE_RANK, ApplicantFacts, DeviceYear, ResolutionDay, Verdict, evaluate
+from verifier.db import device_aliases, device_days, device_days_by_fp, evaluations, resolution_days
+from verifier.eligibility import (
+    ACTIVE_RANK,
+    ApplicantFacts,
+    DeviceYear,
+    ResolutionDay,
+    Verdict,
+    evaluate,
+    window_bounds,
+)
 from verifier.enroll import get_applicant
+from verifier.gates import gates_for_facts
 from verifier.rules import Policy
 
 log = logging.getLogger(__name__)
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 PROTOCOL_BITS: dict[str, int] = {"opcua": 1, "modbus": 2, "mqtt": 4}
+LONG_WINDOW_DAYS = 180  # windows this long read device-days through the covering index (see _device_rows)
 OP_RESOLVE = 1
 OP_CREATE = 100
 OP_DELETE = 101
@@ -165,41 +177,106 @@ def write_facts(conn: Connection, facts: ReportFacts) -> None:
             conn.execute(stmt, list(chunk))
 
 
-def load_applicant_facts(conn: Connection, applicant_id: str, name: str, kind: str, year: int) -> ApplicantFacts:
+def fp_ordered(conn: Connection, long_window: bool) -> tuple[Any, Any]:
+    """The day column to filter on and a function that adds the index hint, for a per-device GROUP BY.
+
+    On SQLite, a long window reads device-days through the covering index ``ix_device_days_by_fp`` in fp order: no
+    sort of millions of rows. SQLite's planner would rather take the primary key's day range and sort (or, with
+    statistics, skip-scan the index and still sort), so the query names the index and keeps the day terms off it
+    (``+day``: filtered per row). PostgreSQL plans a hash aggregate on its own. A database created before the index
+    existed keeps the default plan."""
+    if not long_window or conn.dialect.name != "sqlite" or device_days_by_fp.name not in {
+            ix["name"] for ix in inspect(conn).get_indexes(device_days.name)}:
+        return device_days.c.day, lambda q: q
+    day = literal_column(f"+{device_days.name}.day", type_=Date)
+    return day, lambda q: q.with_hint(device_days, f"INDEXED BY {device_days_by_fp.name}", dialect_name="sqlite")
+
+
+def _device_rows(conn: Connection, applicant_id: str, start: date, end: date, year: int) -> list[DeviceYear]:
+    """Per-device summaries of one applicant over [start, end] (one GROUP BY)."""
+    active = device_days.c.status_rank == ACTIVE_RANK
+    day, hint = fp_ordered(conn, (end - start).days >= LONG_WINDOW_DAYS)
+    query = hint(
+        select(
+            device_days.c.fp,
+            func.sum(case((active, 1), else_=0)).label("active_days"),
+            func.max(case((active, device_days.c.day), else_=None), type_=Date).label("last_active_day"),
+            func.max(device_days.c.status_rank).label("best_status_rank"),
+            func.max(device_days.c.enterprise).label("enterprise"),
+        )
+        .where(device_days.c.applicant_id == applicant_id, day >= start, day <= end)
+        .group_by(device_days.c.fp)
+    )
+    rows = conn.execute(query)
+    return [DeviceYear(fp=r.fp, year=year, active_days=int(r.active_days or 0), last_active_day=r.last_active_day,
+                       best_status_rank=int(r.best_status_rank), enterprise=r.enterprise) for r in rows]
+
+
+def _needs_earlier_years(policy: Policy | None, kind: str) -> bool:
+    if policy is None:
+        return True
+    measures = set(policy.measures_for(kind))
+    return any(c.metric in ("new_devices", "new_users") for c in policy.criteria if c.measure in measures)
+
+
+def load_applicant_facts(conn: Connection, applicant_id: str, name: str, kind: str, year: int, *,
+                         policy: Policy | None = None, as_of: date | None = None,
+                         evidence: dict[str, Any] | None = None) -> ApplicantFacts:
     """Read what ``verifier.eligibility.evaluate`` needs for one applicant: per-device yearly summaries for the
-    assessment year and every earlier year with facts, and the year's resolution-days."""
+    assessment year (and every earlier year with facts when the policy counts "new" devices or users), per-device
+    summaries for every other window the policy's criteria name, the resolution-days those windows cover, what
+    officials recorded, and the awards paid in earlier years' stored evaluations."""
     first_day = conn.execute(select(func.min(device_days.c.day))
                              .where(device_days.c.applicant_id == applicant_id)).scalar_one_or_none()
-    first_year = min(first_day.year, year) if isinstance(first_day, date) else year
-    active = device_days.c.status_rank == ACTIVE_RANK
+    first_res = conn.execute(select(func.min(resolution_days.c.day))
+                             .where(resolution_days.c.applicant_id == applicant_id)).scalar_one_or_none()
+    firsts = [d for d in (first_day, first_res) if isinstance(d, date)]
+    first = min(firsts) if firsts else None
+    first_year = min(first_day.year, year) if isinstance(first_day, date) and _needs_earlier_years(policy, kind) \
+        else year
     devices: list[DeviceYear] = []
+    loaded = set(range(first_year, year + 1))
     for y in range(first_year, year + 1):
-        rows = conn.execute(
-            select(
-                device_days.c.fp,
-                func.sum(case((active, 1), else_=0)).label("active_days"),
-                func.max(case((active, device_days.c.day), else_=None), type_=Date).label("last_active_day"),
-                func.max(device_days.c.status_rank).label("best_status_rank"),
-                func.max(device_days.c.enterprise).label("enterprise"),
-            )
-            .where(device_days.c.applicant_id == applicant_id,
-                   device_days.c.day >= date(y, 1, 1), device_days.c.day <= date(y, 12, 31))
-            .group_by(device_days.c.fp)
-        )
-        devices.extend(DeviceYear(fp=r.fp, year=y, active_days=int(r.active_days or 0),
-                                  last_active_day=r.last_active_day, best_status_rank=int(r.best_status_rank),
-                                  enterprise=r.enterprise) for r in rows)
+        devices.extend(_device_rows(conn, applicant_id, date(y, 1, 1), date(y, 12, 31), y))
+    gates, go_live = gates_for_facts(conn, applicant_id)
+    windows: dict[tuple[date, date], list[DeviceYear]] = {}
+    res_from, res_to = date(year, 1, 1), date(year, 12, 31)
+    if policy is not None:
+        measures = set(policy.measures_for(kind))
+        for c in policy.criteria:
+            if c.measure not in measures or c.kind != "measured":
+                continue
+            w = window_bounds(c.window, year, as_of=as_of, first_day=first, go_live=go_live)
+            res_from, res_to = min(res_from, w.start), max(res_to, w.end)
+            calendar = w.start == date(w.start.year, 1, 1) and w.end.year == w.start.year
+            if calendar and w.start.year not in loaded:
+                loaded.add(w.start.year)
+                devices.extend(_device_rows(conn, applicant_id, w.start, date(w.start.year, 12, 31), w.start.year))
+            elif not calendar and (w.start, w.end) not in windows:
+                windows[(w.start, w.end)] = _device_rows(conn, applicant_id, w.start, w.end, w.end.year)
     res_rows = conn.execute(
         select(resolution_days).where(resolution_days.c.applicant_id == applicant_id,
-                                      resolution_days.c.day >= date(year, 1, 1),
-                                      resolution_days.c.day <= date(year, 12, 31))
+                                      resolution_days.c.day >= res_from, resolution_days.c.day <= res_to)
         .order_by(resolution_days.c.day)
     )
     resolution = [ResolutionDay(day=r.day, resolutions_ok=int(r.resolutions_ok),
                                 resolutions_failed=int(r.resolutions_failed), creates_ok=int(r.creates_ok),
                                 deletes_ok=int(r.deletes_ok)) for r in res_rows]
+    awarded: dict[str, list[int]] = {}
+    awarded_total = Decimal(0)
+    if policy is not None:
+        for row in conn.execute(select(evaluations.c.year, evaluations.c.verdict).where(
+                evaluations.c.applicant_id == applicant_id, evaluations.c.policy_id == policy.id,
+                evaluations.c.year < year)):
+            for a in json.loads(row.verdict).get("awards", []):
+                paid = Decimal(a.get("payable_yuan") or "0")
+                if paid > 0:
+                    awarded.setdefault(a["id"], []).append(int(row.year))
+                    awarded_total += paid
     return ApplicantFacts(applicant_id=applicant_id, name=name, kind=kind, devices=devices,
-                          resolution_days=resolution)
+                          resolution_days=resolution, gates=gates, window_devices=windows, first_day=first,
+                          go_live=go_live, awarded_before={k: tuple(sorted(v)) for k, v in awarded.items()},
+                          awarded_total_before_yuan=awarded_total, evidence=evidence or {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +299,15 @@ def fact_counts(conn: Connection) -> FactCounts:
     )
 
 
-def applicant_verdict(engine: Engine, policy: Policy, applicant_id: str, year: int, *, as_of: date) -> Verdict:
-    """Query one applicant's facts and evaluate them (the pure ``evaluate``) for a calendar year."""
+def applicant_verdict(engine: Engine, policy: Policy, applicant_id: str, year: int, *, as_of: date,
+                      snapshot: Callable[[Connection], dict[str, Any]] | None = None) -> Verdict:
+    """Query one applicant's facts and evaluate them (the pure ``evaluate``) for a calendar year. ``snapshot`` names
+    the evidence (ledger size, checkpoint) read in the same transaction as the facts."""
     with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":  # one snapshot for the evidence and every fact (SQLite: one transaction)
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
         applicant = get_applicant(conn, applicant_id)
-        facts = load_applicant_facts(conn, applicant.id, applicant.name, applicant.kind, year)
+        evidence = snapshot(conn) if snapshot is not None else None
+        facts = load_applicant_facts(conn, applicant.id, applicant.name, applicant.kind, year, policy=policy,
+                                     as_of=as_of, evidence=evidence)
     return evaluate(policy, facts, year, as_of=as_of)

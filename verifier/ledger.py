@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from protocol import merkle
+from protocol.canonical import canonical_json
 from verifier.core import VerifiedReport
-from verifier.db import entries, equivocations
+from verifier.db import entries, equivocations, ledger_leaves, ledger_nodes, ledger_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,3 +137,171 @@ class StoredHashes(Mapping[int, str]):
     def __len__(self) -> int:
         return int(self._conn.execute(select(func.count()).select_from(entries)
                                       .where(entries.c.agent_id == self._agent_id)).scalar_one())
+
+
+# ---- the Merkle tree over the ledger (issue 5) ------------------------------------------------------------------
+# The tree's leaves are ``ledger_leaves`` (reports and key events, in commit order). Every complete aligned subtree
+# above the leaves is stored once in ``ledger_nodes`` when its last leaf arrives (amortized one row per leaf), so
+# any root or proof for any size costs O(log² n) indexed reads, whatever the size of the ledger.
+
+LEAF_REPORT = "report"
+LEAF_KEY_EVENT = "key_event"
+
+
+def _insert_ignore(conn: Connection, table: Any) -> Any:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+def lock_ledger(conn: Connection) -> int:
+    """Lock the tree's head row for this transaction (``SELECT … FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` already
+    serializes writers) and return the tree size. Every writer calls this first, so that several verifier processes
+    on one PostgreSQL database extend the tree one at a time."""
+    size = conn.execute(select(ledger_state.c.size).where(ledger_state.c.id == 1).with_for_update()).scalar()
+    if size is None:
+        conn.execute(_insert_ignore(conn, ledger_state).values(id=1, size=0))
+        size = conn.execute(select(ledger_state.c.size).where(ledger_state.c.id == 1).with_for_update()).scalar_one()
+    return int(size)
+
+
+def tree_size(conn: Connection) -> int:
+    size = conn.execute(select(ledger_state.c.size).where(ledger_state.c.id == 1)).scalar()
+    return 0 if size is None else int(size)
+
+
+def append_leaf(conn: Connection, *, size: int, kind: str, leaf: bytes, entry_index: int | None = None,
+                body: bytes | None = None) -> int:
+    """Append one leaf at ``size`` (the size returned by :func:`lock_ledger`, in the same transaction) and store the
+    subtrees it completes. Returns the leaf's tree index; the caller passes ``size + 1`` to the next call."""
+    conn.execute(insert(ledger_leaves).values(tree_index=size, kind=kind, entry_index=entry_index, body=body,
+                                              leaf_hash=leaf))
+    h, level, idx = leaf, 0, size
+    nodes = []
+    while idx & 1:
+        h = merkle.node_hash(_perfect(conn, level, idx - 1), h)
+        level, idx = level + 1, idx >> 1
+        nodes.append({"level": level, "idx": idx, "hash": h})
+    if nodes:
+        conn.execute(insert(ledger_nodes), nodes)
+    conn.execute(update(ledger_state).where(ledger_state.c.id == 1).values(size=size + 1))
+    return size
+
+
+def _perfect(conn: Connection, level: int, idx: int) -> bytes:
+    if level == 0:
+        value = conn.execute(select(ledger_leaves.c.leaf_hash).where(ledger_leaves.c.tree_index == idx)).scalar()
+    else:
+        value = conn.execute(select(ledger_nodes.c.hash).where(ledger_nodes.c.level == level,
+                                                                ledger_nodes.c.idx == idx)).scalar()
+    if value is None:
+        raise LedgerCorrupt(f"ledger tree: expected the stored subtree (level {level}, index {idx}), got none")
+    return bytes(value)
+
+
+class LedgerCorrupt(RuntimeError):
+    """The stored tree lacks a node it must have: the database was altered outside the verifier."""
+
+
+class TreeReader:
+    """Roots and RFC 9162 proofs for any tree size up to the current one, from the stored subtrees.
+
+    The proofs equal those of ``protocol.merkle.inclusion_proof`` / ``consistency_proof`` over the full leaf list
+    (the tests check it); they are computed over index ranges here so that nothing reads all leaves.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._cache: dict[tuple[int, int], bytes] = {}
+
+    def _node(self, level: int, idx: int) -> bytes:
+        key = (level, idx)
+        if key not in self._cache:
+            self._cache[key] = _perfect(self._conn, level, idx)
+        return self._cache[key]
+
+    def subtree(self, start: int, end: int) -> bytes:
+        """MTH(D[start:end]) for a subtree of the RFC tree (``start`` a multiple of its largest part)."""
+        if end <= start:
+            return merkle.EMPTY_ROOT
+        parts: list[bytes] = []
+        pos = start
+        while pos < end:
+            level = (end - pos).bit_length() - 1
+            if pos % (1 << level):
+                raise ValueError(f"subtree [{start}, {end}): expected an aligned range, got one at {pos}")
+            parts.append(self._node(level, pos >> level))
+            pos += 1 << level
+        h = parts[-1]
+        for left in reversed(parts[:-1]):
+            h = merkle.node_hash(left, h)
+        return h
+
+    def root(self, size: int) -> bytes:
+        return self.subtree(0, size)
+
+    def leaf(self, index: int) -> bytes:
+        return self._node(0, index)
+
+    def inclusion(self, index: int, size: int) -> list[bytes]:
+        if not 0 <= index < size:
+            raise merkle.ProofInvalid(f"inclusion proof: expected 0 <= index < {size}, got {index}")
+
+        def path(m: int, start: int, end: int) -> list[bytes]:
+            n = end - start
+            if n == 1:
+                return []
+            k = 1 << ((n - 1).bit_length() - 1)
+            if m < k:
+                return [*path(m, start, start + k), self.subtree(start + k, end)]
+            return [*path(m - k, start + k, end), self.subtree(start, start + k)]
+
+        return path(index, 0, size)
+
+    def consistency(self, size1: int, size2: int) -> list[bytes]:
+        if not 0 < size1 <= size2:
+            raise merkle.ProofInvalid(f"consistency proof: expected 0 < size1 <= {size2}, got {size1}")
+
+        def sub(m: int, start: int, end: int, b: bool) -> list[bytes]:
+            n = end - start
+            if m == n:
+                return [] if b else [self.subtree(start, end)]
+            k = 1 << ((n - 1).bit_length() - 1)
+            if m <= k:
+                return [*sub(m, start, start + k, b), self.subtree(start + k, end)]
+            return [*sub(m - k, start + k, end, False), self.subtree(start, start + k)]
+
+        return sub(size1, 0, size2, True)
+
+
+@dataclass(frozen=True, slots=True)
+class LeafRecord:
+    tree_index: int
+    kind: str
+    entry_index: int | None
+    data: bytes  # the envelope of a report, the canonical JSON of a key event
+    leaf_hash: bytes
+
+
+def read_leaves(conn: Connection, start: int, end: int) -> list[LeafRecord]:
+    rows = conn.execute(
+        select(ledger_leaves.c.tree_index, ledger_leaves.c.kind, ledger_leaves.c.entry_index, ledger_leaves.c.body,
+               ledger_leaves.c.leaf_hash, entries.c.envelope)
+        .select_from(ledger_leaves.outerjoin(entries, entries.c.entry_index == ledger_leaves.c.entry_index))
+        .where(ledger_leaves.c.tree_index >= start, ledger_leaves.c.tree_index < end)
+        .order_by(ledger_leaves.c.tree_index))
+    return [LeafRecord(int(r.tree_index), r.kind, None if r.entry_index is None else int(r.entry_index),
+                       bytes(r.envelope if r.kind == LEAF_REPORT else r.body), bytes(r.leaf_hash)) for r in rows]
+
+
+def tree_index_of_entry(conn: Connection, entry_index: int) -> int | None:
+    value = conn.execute(select(ledger_leaves.c.tree_index)
+                         .where(ledger_leaves.c.entry_index == entry_index)).scalar()
+    return None if value is None else int(value)
+
+
+def append_key_event(conn: Connection, *, event: Mapping[str, Any]) -> int:
+    """Append a key event (enrollment, rotation, revocation) to the tree as the canonical JSON of ``event``."""
+    body = canonical_json({"kind": LEAF_KEY_EVENT, **event})
+    size = lock_ledger(conn)
+    return append_leaf(conn, size=size, kind=LEAF_KEY_EVENT, leaf=merkle.leaf_hash(body), body=body)

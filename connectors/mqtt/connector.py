@@ -38,10 +38,13 @@ import hashlib
 import logging
 import math
 import secrets
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import paho.mqtt.client as mqtt
@@ -62,13 +65,15 @@ from connectors.base import (
 )
 from connectors.mqtt.sparkplug import (
     NAMESPACE,
-    DecodedPayload,
+    NamedMetrics,
     SparkplugError,
     SparkplugTopic,
-    decode_payload,
+    decode_data,
+    decode_named,
     encode_rebirth_request,
     parse_topic,
 )
+from connectors.mqtt.transport import BufferedClient
 from protocol.uscc import UsccInvalid, validate_uscc
 
 _log = logging.getLogger(__name__)
@@ -78,11 +83,14 @@ SYS_CLIENTS_CONNECTED = "$SYS/broker/clients/connected"
 REBIRTH_MIN_INTERVAL = timedelta(seconds=60)  # ask one edge node for a rebirth at most this often
 _KEEPALIVE_S = 30
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 1, 30
+# CONNACK reason codes meaning "your credentials": MQTT 5 134/135, which paho maps MQTT 3.1.1's 4 and 5 onto.
+_AUTH_REFUSALS = frozenset({134, 135})
 
 # The defaults of every optional key that has a fixed default; sample.toml is exactly these plus `host`.
 DEFAULTS: Mapping[str, Any] = {
     "port": 1883,
     "tls": False,
+    "tls_insecure": False,
     "sparkplug": True,
     "sparkplug_groups": ["+"],
     "enterprise_from": "group",
@@ -93,9 +101,12 @@ DEFAULTS: Mapping[str, Any] = {
     "timeout_s": 5,
 }
 REQUIRED = ("host",)
-_NO_DEFAULT = ("client_id", "username", "password", "enterprise")  # client_id: "tianping-agent-<random>"
+# client_id: "tianping-agent-<random>"; ca_file: the system's trusted CAs; certfile/keyfile: no client certificate.
+_NO_DEFAULT = ("client_id", "username", "password", "ca_file", "certfile", "keyfile", "enterprise")
 _KNOWN = {*REQUIRED, *DEFAULTS, *_NO_DEFAULT}
 _ENTERPRISE_FROM = ("group", "static")
+_NAMED_DECODE = frozenset({"NBIRTH", "DBIRTH", "NDEATH"})  # the others need only seq and freshness
+_BIRTH_METRICS = frozenset({"bdSeq", "Properties/Manufacturer", "Properties/Model", "Properties/SerialNumber"})
 
 
 # --- configuration -------------------------------------------------------------------------------------------
@@ -166,6 +177,10 @@ class MqttConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: bool = False
+    ca_file: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    tls_insecure: bool = False
     sparkplug: bool = True
     sparkplug_groups: tuple[str, ...] = ("+",)
     enterprise_from: str = "group"
@@ -196,9 +211,18 @@ class MqttConfig:
         password = optional(cfg, "password", str, None, where=where)
         if password is not None and username is None:
             raise ConfigError(f"{where}.password: expected together with username, got a password alone")
-        if opt("tls", bool):
-            raise ConfigError(f"{where}.tls: expected false (TLS comes in a later release; terminate TLS in a "
-                              "local bridge until then), got true")
+        tls = opt("tls", bool)
+        tls_insecure = opt("tls_insecure", bool)
+        files = {key: optional(cfg, key, str, None, where=where) for key in ("ca_file", "certfile", "keyfile")}
+        given = [key for key, value in files.items() if value is not None] + (["tls_insecure"] if tls_insecure else [])
+        if given and not tls:
+            raise ConfigError(f"{where}: expected tls = true with {', '.join(given)}, got tls = false")
+        if (files["certfile"] is None) != (files["keyfile"] is None):
+            raise ConfigError(f"{where}: expected certfile and keyfile together (a client certificate and its "
+                              f"private key), got only {'certfile' if files['certfile'] else 'keyfile'}")
+        for key, path in files.items():
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{where}.{key}: expected a readable PEM file, got {path!r} (no such file)")
         sparkplug = opt("sparkplug", bool)
         groups = _strings(opt("sparkplug_groups", list), where=f"{where}.sparkplug_groups")
         for group in groups:
@@ -233,11 +257,31 @@ class MqttConfig:
         timeout = _positive(opt("timeout_s", (int, float)), where=f"{where}.timeout_s")
         extra: dict[str, Any] = {} if client_id is None else {"client_id": client_id}
         return cls(
-            host=host, port=port, username=username, password=password, tls=False, sparkplug=sparkplug,
+            host=host, port=port, username=username, password=password, tls=tls, tls_insecure=tls_insecure,
+            **{k: v for k, v in files.items() if v is not None}, sparkplug=sparkplug,
             sparkplug_groups=tuple(groups), enterprise_from=enterprise_from, enterprise=enterprise,
             topics=templates, freshness_window_s=float(freshness), max_devices=max_devices,
             rebirth=opt("rebirth", bool), timeout_s=float(timeout), **extra,
         )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``tls = true`` (``None`` otherwise): TLS 1.2 or later, the server's certificate
+        always verified against ``ca_file`` (else the system's CAs), its host name too unless ``tls_insecure``.
+        Raises :class:`ConfigError` for an unreadable CA, certificate or key."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+            if self.certfile is not None:
+                context.load_cert_chain(self.certfile, self.keyfile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"connectors.mqtt: expected PEM files for ca_file, certfile and keyfile, got "
+                              f"{exc} (ca_file={self.ca_file!r}, certfile={self.certfile!r}, "
+                              f"keyfile={self.keyfile!r})") from exc
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = not self.tls_insecure
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     @property
     def subscriptions(self) -> list[str]:
@@ -270,15 +314,60 @@ class _Node:
     rebirth_asked_at: datetime | None = None
 
 
+_KEEP_PAYLOAD_BYTES = 256  # evidence keeps a payload up to this size and hashes it when observed; larger: hashed now
+
+
 @dataclass(slots=True)
 class _Device:
+    """One device. The last message's evidence is kept as plain fields (no per-message allocation: the hot path
+    handles tens of thousands of messages a second) and turned into a mapping by :meth:`evidence`."""
+
     local_id: str
     identity: DeviceIdentity
     enterprise: str | None
     sparkplug: bool
     alive: bool = False
     last_data_at: datetime | None = None
-    evidence: Mapping[str, Any] = field(default_factory=dict)  # replaced, never mutated
+    msn: tuple[tuple[str, str], ...] = ()  # manufacturer, model, serial from the DBIRTH
+    last_topic: str = ""
+    last_payload: bytes | str = b""  # the payload, or its SHA-256 (hex) when larger than _KEEP_PAYLOAD_BYTES
+    last_at: datetime | None = None
+    last_kind: str | None = None  # Sparkplug message type; None for a plain topic
+    last_seq: int | None = None
+    last_bd_seq: int | None = None
+    last_retained: bool = False
+
+    def keep(self, topic: str, payload: bytes, at: datetime) -> None:
+        self.last_topic, self.last_at = topic, at
+        self.last_payload = payload if len(payload) <= _KEEP_PAYLOAD_BYTES else hashlib.sha256(payload).hexdigest()
+
+    def evidence(self) -> dict[str, Any]:
+        if self.last_at is None:
+            return {}
+        raw = self.last_payload
+        digest = raw if isinstance(raw, str) else hashlib.sha256(raw).hexdigest()
+        out: dict[str, Any] = {"topic": self.last_topic, "payload_sha256": digest,
+                               "received_at": self.last_at.isoformat()}
+        if self.sparkplug:
+            out.update(message_type=self.last_kind, seq=self.last_seq, bd_seq=self.last_bd_seq)
+            out.update(self.msn)
+        else:
+            out["retained"] = self.last_retained
+        return out
+
+
+def _birth_identity(decoded: NamedMetrics) -> tuple[DeviceIdentity, tuple[tuple[str, str], ...]] | None:
+    """Manufacturer + model + serial identity from a DBIRTH's properties, or None (then the local name stays)."""
+    manufacturer = decoded.string("Properties/Manufacturer")
+    model = decoded.string("Properties/Model")
+    serial = decoded.string("Properties/SerialNumber")
+    if not (manufacturer and model and serial):
+        return None
+    try:
+        identity = DeviceIdentity.manufacturer_model_serial(manufacturer, model, serial)
+    except ValueError:  # blank after normalisation
+        return None
+    return identity, (("manufacturer", manufacturer), ("model", model), ("serial", serial))
 
 
 def _is_uscc(text: str) -> bool:
@@ -302,8 +391,11 @@ class DeviceTable:
         self._window = timedelta(seconds=config.freshness_window_s)
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._devices: dict[tuple[str, ...], _Device] = {}
+        # DDATA topic of a tracked device -> what the hot path needs; one entry per device at most
+        self._hot: dict[str, tuple[SparkplugTopic, _Node, _Device]] = {}
         self._uscc_cache: dict[str, bool] = {}
         self.stale_ndeath_ignored = 0
+        self.messages_handled = 0
 
     @property
     def device_count(self) -> int:
@@ -317,6 +409,10 @@ class DeviceTable:
 
     def handle(self, topic: str, payload: bytes, *, retained: bool, received_at: datetime) -> list[tuple[str, str]]:
         """Apply one message. Returns the (group, edge node) pairs to ask for a rebirth (only with rebirth on)."""
+        self.messages_handled += 1
+        hot = self._hot.get(topic)
+        if hot is not None and not retained:
+            return self._known_ddata(hot, topic, payload, received_at)
         if self._cfg.sparkplug and topic.startswith(NAMESPACE + "/"):
             return self._sparkplug(topic, payload, retained, received_at)
         for template in self._cfg.topics:
@@ -343,12 +439,19 @@ class DeviceTable:
             return []
         if parsed is None or parsed.message_type in ("NCMD", "DCMD"):
             return []  # host application state and commands: not observations of devices
+        kind = parsed.message_type
         if retained:
             self._report("sparkplug_retained", "retained %s on %r: Sparkplug messages are never retained; ignored",
-                         parsed.message_type, topic)
+                         kind, topic)
             return []
+        decoded: NamedMetrics | None = None
+        fresh = False
         try:
-            decoded = decode_payload(payload)
+            if kind in _NAMED_DECODE:
+                decoded = decode_named(payload, _BIRTH_METRICS)
+                seq = decoded.seq
+            else:
+                seq, fresh = decode_data(payload)
         except SparkplugError as exc:
             self._report(exc.code, "%s on %r", exc, topic)
             return []
@@ -360,41 +463,69 @@ class DeviceTable:
                              parsed.group, parsed.edge_node, len(self._nodes))
                 return []
             node = self._nodes[key] = _Node()
-        kind = parsed.message_type
         if kind == "NDEATH":
+            assert decoded is not None
             self._ndeath(parsed, node, decoded)
             return []
-        if decoded.seq is None or decoded.seq > 255:
+        if seq is None or seq > 255:
             self._report("sparkplug_payload_invalid", "%s on %r: expected a seq of 0..255, got %r",
-                         kind, topic, decoded.seq)
+                         kind, topic, seq)
             return []
         if kind == "NBIRTH":
+            assert decoded is not None
             bd_seq = decoded.integer("bdSeq")
             if bd_seq is None:
                 self._report("sparkplug_payload_invalid", "NBIRTH on %r without a bdSeq metric", topic)
                 return []
-            node.bd_seq, node.born, node.last_seq = bd_seq, True, decoded.seq
+            node.bd_seq, node.born, node.last_seq = bd_seq, True, seq
             for name in node.devices:  # a new NBIRTH invalidates every earlier device birth
                 self._devices[("spb", *key, name)].alive = False
             return []
-        rebirth = False
-        if node.last_seq is not None and decoded.seq != (node.last_seq + 1) % 256:
-            self._report("sparkplug_seq_gap", "edge node %r/%r: expected seq %d, got %d on %r",
-                         parsed.group, parsed.edge_node, (node.last_seq + 1) % 256, decoded.seq, topic)
-            rebirth = True
-        node.last_seq = decoded.seq
-        if not node.born:
-            rebirth = True  # data from a node whose birth we did not see
+        rebirth = self._sequence(parsed, node, seq, topic)
         if kind != "NDATA":
-            self._device_message(parsed, node, decoded, topic, payload, at)
-        if rebirth and self._cfg.rebirth and (
+            self._device_message(parsed, node, seq, fresh, decoded, topic, payload, at)
+        return self._rebirth(parsed, node, rebirth, at)
+
+    def _known_ddata(self, hot: tuple[SparkplugTopic, _Node, _Device], topic: str, payload: bytes,
+                     at: datetime) -> list[tuple[str, str]]:
+        """The hot path: DDATA of a device already tracked (the same rules as the general path, fewer steps)."""
+        parsed, node, device = hot
+        try:
+            seq, fresh = decode_data(payload)
+        except SparkplugError as exc:
+            self._report(exc.code, "%s on %r", exc, topic)
+            return []
+        if seq is None or seq > 255:
+            self._report("sparkplug_payload_invalid", "DDATA on %r: expected a seq of 0..255, got %r", topic, seq)
+            return []
+        rebirth = self._sequence(parsed, node, seq, topic)
+        device.alive = True
+        if fresh:
+            device.last_data_at = at
+        device.keep(topic, payload, at)
+        device.last_kind, device.last_seq, device.last_bd_seq = "DDATA", seq, node.bd_seq
+        return self._rebirth(parsed, node, rebirth, at) if rebirth else []
+
+    def _sequence(self, parsed: SparkplugTopic, node: _Node, seq: int, topic: str) -> bool:
+        """Check and record a node's seq; True when a rebirth would help (a gap, or a birth we did not see)."""
+        rebirth = False
+        last = node.last_seq
+        if last is not None and seq != (last + 1) % 256:
+            self._report("sparkplug_seq_gap", "edge node %r/%r: expected seq %d, got %d on %r",
+                         parsed.group, parsed.edge_node, (last + 1) % 256, seq, topic)
+            rebirth = True
+        node.last_seq = seq
+        return rebirth or not node.born  # not born: data from a node whose birth we did not see
+
+    def _rebirth(self, parsed: SparkplugTopic, node: _Node, wanted: bool, at: datetime) -> list[tuple[str, str]]:
+        if wanted and self._cfg.rebirth and (
             node.rebirth_asked_at is None or at - node.rebirth_asked_at >= REBIRTH_MIN_INTERVAL
         ):
             node.rebirth_asked_at = at
-            return [key]
+            return [(parsed.group, parsed.edge_node)]
         return []
 
-    def _ndeath(self, parsed: SparkplugTopic, node: _Node, decoded: DecodedPayload) -> None:
+    def _ndeath(self, parsed: SparkplugTopic, node: _Node, decoded: NamedMetrics) -> None:
         bd_seq = decoded.integer("bdSeq")
         if bd_seq is None:
             self._report("sparkplug_payload_invalid", "NDEATH of %r/%r without a bdSeq metric",
@@ -409,49 +540,41 @@ class DeviceTable:
         for name in node.devices:
             self._devices[("spb", parsed.group, parsed.edge_node, name)].alive = False
 
-    def _device_message(self, parsed: SparkplugTopic, node: _Node, decoded: DecodedPayload, topic: str,
-                        payload: bytes, at: datetime) -> None:
+    def _device_message(self, parsed: SparkplugTopic, node: _Node, seq: int, fresh: bool,
+                        decoded: NamedMetrics | None, topic: str, payload: bytes, at: datetime) -> None:
         assert parsed.device is not None
         key = ("spb", parsed.group, parsed.edge_node, parsed.device)
         device = self._devices.get(key)
         kind = parsed.message_type
+        born_as: tuple[DeviceIdentity, tuple[tuple[str, str], ...]] | None = None
+        if kind == "DBIRTH":
+            assert decoded is not None
+            born_as = _birth_identity(decoded)
         if device is None:
             if kind == "DDEATH":
                 return  # the death of a device we never knew
-            enterprise = self._enterprise(parsed.group)
             device = self._add(key, _Device(
                 local_id=f"{parsed.group}/{parsed.edge_node}/{parsed.device}",
-                identity=DeviceIdentity.local(KIND, parsed.group, parsed.edge_node, parsed.device),
-                enterprise=enterprise, sparkplug=True,
+                identity=born_as[0] if born_as else DeviceIdentity.local(
+                    KIND, parsed.group, parsed.edge_node, parsed.device),
+                enterprise=self._enterprise(parsed.group), sparkplug=True,
             ))
             if device is None:
                 return
             node.devices.add(parsed.device)
-        msn: dict[str, str] = {}
-        if kind == "DBIRTH":
-            manufacturer = decoded.string("Properties/Manufacturer")
-            model = decoded.string("Properties/Model")
-            serial = decoded.string("Properties/SerialNumber")
-            if manufacturer and model and serial:
-                try:
-                    device.identity = DeviceIdentity.manufacturer_model_serial(manufacturer, model, serial)
-                    msn = {"manufacturer": manufacturer, "model": model, "serial": serial}
-                except ValueError:  # blank after normalisation: keep the local identity
-                    pass
+        if kind == "DDATA":
             device.alive = True
-        elif kind == "DDATA":
-            device.alive = True
-            if decoded.has_fresh_value:
+            if fresh:
                 device.last_data_at = at
+            self._hot[topic] = (parsed, node, device)
+        elif kind == "DBIRTH":
+            if born_as:
+                device.identity, device.msn = born_as
+            device.alive = True
         else:  # DDEATH
             device.alive = False
-        if not msn:
-            msn = {k: device.evidence[k] for k in ("manufacturer", "model", "serial") if k in device.evidence}
-        device.evidence = {
-            "topic": topic, "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "received_at": at.isoformat(), "message_type": kind, "seq": decoded.seq,
-            "bd_seq": node.bd_seq, **msn,
-        }
+        device.keep(topic, payload, at)
+        device.last_kind, device.last_seq, device.last_bd_seq = kind, seq, node.bd_seq
 
     def _plain(self, template: TopicTemplate, found: tuple[str | None, str], topic: str, payload: bytes,
                retained: bool, at: datetime) -> None:
@@ -475,8 +598,8 @@ class DeviceTable:
                 return
         if not retained:  # a retained message may be arbitrarily old: known, not fresh
             device.last_data_at = at
-        device.evidence = {"topic": topic, "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                           "received_at": at.isoformat(), "retained": retained}
+        device.keep(topic, payload, at)
+        device.last_retained = retained
 
     def _add(self, key: tuple[str, ...], device: _Device) -> _Device | None:
         if len(self._devices) >= self._cfg.max_devices:
@@ -512,7 +635,7 @@ class DeviceTable:
                 status = DeviceStatus.ACTIVE if fresh else DeviceStatus.REGISTERED
             out.append(DeviceObservation(
                 protocol=KIND, source=self._source, local_id=device.local_id, identity=device.identity,
-                status=status, observed_at=now, enterprise=device.enterprise, evidence=device.evidence,
+                status=status, observed_at=now, enterprise=device.enterprise, evidence=device.evidence(),
             ))
         return out
 
@@ -532,9 +655,13 @@ class MqttConnector(ConnectorBase):
         self._now = now or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()  # the paho thread writes the table; observe() and health() read it
         self._table = DeviceTable(config, source=self.source, report=self._report)
+        self._tls = config.tls_context()  # bad certificate files are a configuration error, raised here
         self._client: mqtt.Client | None = None
         self._subscribed = threading.Event()  # connected, and the broker acknowledged our subscriptions
+        self._settled = threading.Event()  # subscribed, or refused in a way that retrying will not fix
+        self._refusal: str | None = None  # "auth_failed" or "tls_failed" until a connection succeeds
         self._is_connected = False
+        self._connack_seen = False  # on the current connection
         self._subscribe_mid: int | None = None
         self._ever_connected = False
         self._closing = False
@@ -556,11 +683,17 @@ class MqttConnector(ConnectorBase):
         if self._client is not None:
             return
         cfg = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, clean_session=True)
+        client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, clean_session=True)
         client.connect_timeout = cfg.timeout_s
         client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+            if cfg.tls_insecure:
+                _log.warning("mqtt %s: tls_insecure = true: the broker's certificate is not checked against its "
+                             "host name; anyone holding a certificate from the same CA can pose as this broker",
+                             self.source)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -570,7 +703,8 @@ class MqttConnector(ConnectorBase):
         client.connect_async(cfg.host, cfg.port, keepalive=_KEEPALIVE_S)
         client.loop_start()
         self._client = client
-        if not await asyncio.to_thread(self._subscribed.wait, cfg.timeout_s):
+        await asyncio.to_thread(self._settled.wait, cfg.timeout_s)
+        if not self._subscribed.is_set() and self._refusal is None:
             with self._lock:
                 self._report("broker_unreachable", "no connection to %s within %.1f s; retrying in the background",
                              self.source, cfg.timeout_s)
@@ -586,6 +720,8 @@ class MqttConnector(ConnectorBase):
             base = super().health()
             extra = {
                 "connected": self._is_connected,
+                "tls": self.config.tls,
+                "messages_handled": self._table.messages_handled,
                 "subscribed": self._subscribed.is_set(),
                 "reconnects": self._reconnects,
                 "devices_tracked": self._table.device_count,
@@ -607,6 +743,7 @@ class MqttConnector(ConnectorBase):
         client.disconnect()
         await asyncio.to_thread(client.loop_stop)
         self._subscribed.clear()
+        self._settled.clear()
         self._is_connected = False
 
     # paho callbacks (network thread) -------------------------------------------------------------------
@@ -621,9 +758,16 @@ class MqttConnector(ConnectorBase):
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
+        self._connack_seen = True
         if reason_code.is_failure:
             with self._lock:
-                self._report("connect_refused", "broker refused the connection: %s", reason_code)
+                if reason_code.value in _AUTH_REFUSALS:
+                    self._refusal = "auth_failed"
+                    self._report("auth_failed", "broker refused our credentials (user name %r): %s; retrying",
+                                 self.config.username, reason_code)
+                    self._settled.set()
+                else:
+                    self._report("connect_refused", "broker refused the connection: %s", reason_code)
             return
         topics = [*self.config.subscriptions, SYS_CLIENTS_CONNECTED]
         with self._lock:
@@ -634,16 +778,31 @@ class MqttConnector(ConnectorBase):
         _log.info("mqtt %s connected; subscribed to %s", self.source, topics)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        exc = sys.exc_info()[1]  # paho calls this from inside its `except OSError` around the connect
         with self._lock:
-            self._report("connect_failed", "could not connect to %s; retrying", self.source)
+            if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                self._refusal = "tls_failed"
+                self._report("tls_failed", "TLS handshake with %s failed: %s; retrying", self.source, exc)
+                self._settled.set()
+            else:
+                self._report("connect_failed", "could not connect to %s (%s); retrying", self.source, exc)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         self._subscribed.clear()
         with self._lock:
+            answered, self._connack_seen = self._connack_seen, False
             self._is_connected = False
             self._table.connection_lost()
-            if not self._closing:
+            if self._closing:
+                pass
+            elif self._tls is not None and not answered:
+                # TLS 1.3: a broker that refuses our client certificate closes the connection after the handshake.
+                self._refusal = "tls_failed"
+                self._report("tls_failed", "%s closed the TLS connection before answering CONNECT (%s): does it "
+                             "require a client certificate (certfile/keyfile) it trusts?", self.source, reason_code)
+                self._settled.set()
+            else:
                 self._report("connection_lost", "connection to %s lost (%s); reconnecting", self.source, reason_code)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
@@ -653,38 +812,44 @@ class MqttConnector(ConnectorBase):
             if refused:
                 self._report("subscribe_refused", "broker refused %d subscription(s): %s", len(refused), refused)
             if mid == self._subscribe_mid:
+                self._refusal = None
                 self._subscribed.set()
+                self._settled.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            self._handle_message(client, message)
+            at = self._now()
+            try:
+                topic = message.topic
+            except UnicodeDecodeError:
+                with self._lock:
+                    self._report("topic_invalid", "topic is not UTF-8: %r", message._topic[:200])
+                return
+            if topic == SYS_CLIENTS_CONNECTED:
+                self._sys_message(bytes(message.payload), at)
+                return
+            with self._lock:
+                rebirths = self._table.handle(topic, bytes(message.payload), retained=message.retain,
+                                              received_at=at)
+            if rebirths:
+                self._ask_rebirth(client, rebirths, at)
         except Exception:  # a bug must not kill the network thread; it is counted and logged in full
             with self._lock:
                 self.count_error("internal_error")
             _log.exception("mqtt %s: failed to handle a message", self.source)
 
-    def _handle_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
-        at = self._now()
+    def _sys_message(self, payload: bytes, at: datetime) -> None:
         try:
-            topic = message.topic
-        except UnicodeDecodeError:
+            clients = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
             with self._lock:
-                self._report("topic_invalid", "topic is not UTF-8: %r", message._topic[:200])
-            return
-        payload = bytes(message.payload)
-        if topic == SYS_CLIENTS_CONNECTED:
-            try:
-                clients = int(payload.decode("ascii").strip())
-            except (UnicodeDecodeError, ValueError):
-                with self._lock:
-                    self._report("sys_payload_invalid", "%s: expected an integer, got %r",
-                                 SYS_CLIENTS_CONNECTED, payload[:40])
-                return
-            with self._lock:
-                self._broker_clients, self._broker_clients_at = clients, at
+                self._report("sys_payload_invalid", "%s: expected an integer, got %r",
+                             SYS_CLIENTS_CONNECTED, payload[:40])
             return
         with self._lock:
-            rebirths = self._table.handle(topic, payload, retained=bool(message.retain), received_at=at)
+            self._broker_clients, self._broker_clients_at = clients, at
+
+    def _ask_rebirth(self, client: mqtt.Client, rebirths: list[tuple[str, str]], at: datetime) -> None:
         for group, edge in rebirths:
             _log.info("mqtt %s: asking edge node %r/%r for a rebirth", self.source, group, edge)
             client.publish(f"{NAMESPACE}/{group}/NCMD/{edge}", encode_rebirth_request(int(at.timestamp() * 1000)))

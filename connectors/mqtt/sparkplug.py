@@ -262,20 +262,67 @@ class DecodedPayload:
         return any(m.is_good_current_value for m in self.metrics)
 
 
-_SIMPLE_VALUES = ("int_value", "long_value", "float_value", "double_value", "boolean_value", "string_value",
-                  "bytes_value")
+_SIMPLE_VALUES = frozenset({"int_value", "long_value", "float_value", "double_value", "boolean_value",
+                            "string_value",
+                            "bytes_value"})
 
 
-def decode_payload(data: bytes) -> DecodedPayload:
-    """Decode a Sparkplug B payload, or raise :class:`SparkplugError` saying why it was refused."""
+def _parse(data: bytes) -> Any:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise SparkplugPayloadTooLarge(f"payload of {len(data)} bytes: expected at most {MAX_PAYLOAD_BYTES}")
     try:
-        msg = Payload.FromString(data)
+        return Payload.FromString(data)
     except DecodeError as exc:
         raise SparkplugPayloadMalformed(
             f"payload is not a Sparkplug B protobuf ({exc}); got {len(data)} bytes starting {data[:16].hex()}"
         ) from exc
+
+
+def decode_data(data: bytes) -> tuple[int | None, bool]:
+    """The hot path for DDATA, NDATA and DDEATH: ``(seq, whether a metric carries a good current value)``,
+    with the same rules as :func:`decode_payload` but without building the decoded metrics."""
+    msg = _parse(data)
+    fresh = False
+    for m in msg.metrics:
+        if (not m.is_null and not m.is_historical and m.WhichOneof("value") in _SIMPLE_VALUES
+                and (not m.HasField("properties") or _quality(m) in (None, QUALITY_GOOD))):
+            fresh = True
+            break
+    return (msg.seq if msg.HasField("seq") else None), fresh
+
+
+@dataclass(frozen=True, slots=True)
+class NamedMetrics:
+    """``seq`` and the simple values of a few named metrics of one payload (see :func:`decode_named`)."""
+
+    seq: int | None
+    values: dict[str, MetricValue]
+
+    def string(self, name: str) -> str | None:
+        value = self.values.get(name)
+        return value if isinstance(value, str) else None
+
+    def integer(self, name: str) -> int | None:
+        value = self.values.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def decode_named(data: bytes, names: frozenset[str]) -> NamedMetrics:
+    """The births' path: ``seq`` and the first non-null simple value of each metric named in ``names`` -- what
+    :func:`decode_payload` would give for them, at a tenth of the cost (no metric objects are built)."""
+    msg = _parse(data)
+    values: dict[str, MetricValue] = {}
+    for m in msg.metrics:
+        name = m.name
+        if name in names and name not in values:
+            kind = m.WhichOneof("value")
+            values[name] = getattr(m, kind) if kind in _SIMPLE_VALUES and not m.is_null else None
+    return NamedMetrics(msg.seq if msg.HasField("seq") else None, values)
+
+
+def decode_payload(data: bytes) -> DecodedPayload:
+    """Decode a Sparkplug B payload, or raise :class:`SparkplugError` saying why it was refused."""
+    msg = _parse(data)
     metrics = []
     for m in msg.metrics:
         kind = m.WhichOneof("value")

@@ -14,14 +14,23 @@ counts (:class:`connectors.base.ResolutionBatch`). The position belongs to one f
   file, fsync, ``os.replace``) after each collection, and a new connector continues exactly there — also when
   the file was rotated by rename while it was stopped (it finds the inode among ``access.log.*``).
 
-Reading and parsing run in a worker thread so that a large backlog does not stall the event loop. The
-checkpoint is written when a round has been read, before the caller has stored the batch: a crash in between
-loses that round (a later issue may add an explicit commit).
+Reading and parsing run in a worker thread so that a large backlog does not stall the event loop.
+
+**Commit.** By default the checkpoint is written when a round has been read. An agent that stores batches in
+reports calls :meth:`ResolutionLogConnector.bind_agent` once (``explicit_commit=True``) and then
+:meth:`~ResolutionLogConnector.commit` after each report is in its outbox: the checkpoint then only ever names
+positions whose lines are in a stored report, so a crash in between makes the restarted agent read those lines
+again instead of losing them.
+
+**Gaps.** Minutes with no log line at all, for longer than ``gap_after_s`` between two lines (by the lines' own
+timestamps, so late flushes and clock skew do not create gaps), are reported in the batch as gaps: no data,
+never zero traffic. A missing log is counted (``log_missing``) and its stretch becomes a gap once lines resume.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -29,6 +38,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Self
@@ -74,12 +84,17 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "max_line_bytes": DEFAULT_MAX_LINE_BYTES,
         "read_chunk_bytes": DEFAULT_READ_CHUNK_BYTES,
         "timezone": "Asia/Shanghai",
+        "gap_after_s": 600,
+        "resolution_sample_log2": 16,
+        "registration_sample_log2": 10,
     }
 )
 REQUIRED_KEYS = ("path",)
 OPTIONAL_KEYS = ("checkpoint_path",)  # optional, no default
 MAX_LINE_BYTES_RANGE = (MIN_MAX_LINE_BYTES, 1 << 20)
 READ_CHUNK_BYTES_RANGE = (4096, 64 << 20)
+GAP_AFTER_S_RANGE = (120, 7 * 86400)
+SAMPLE_LOG2_RANGE = (6, 40)
 CHECKPOINT_VERSION = 1
 _MAX_ROTATIONS_PER_COLLECT = 8
 
@@ -103,6 +118,9 @@ class ResolutionLogConfig:
     read_chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES
     checkpoint_path: Path | None = None
     timezone: str = "Asia/Shanghai"
+    gap_after_s: int = 600
+    resolution_sample_log2: int = 16
+    registration_sample_log2: int = 10
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> ResolutionLogConfig:
@@ -134,6 +152,9 @@ class ResolutionLogConfig:
             read_chunk_bytes=read_chunk_bytes,
             checkpoint_path=Path(checkpoint) if checkpoint is not None else None,
             timezone=zone,
+            gap_after_s=_bounded(cfg, "gap_after_s", GAP_AFTER_S_RANGE),
+            resolution_sample_log2=_bounded(cfg, "resolution_sample_log2", SAMPLE_LOG2_RANGE),
+            registration_sample_log2=_bounded(cfg, "registration_sample_log2", SAMPLE_LOG2_RANGE),
         )
 
 
@@ -168,6 +189,7 @@ class ResolutionLogConnector(ConnectorBase):
         self.zone = load_zone(config.timezone)  # for day roll-ups by the agent
         self._mutex = threading.Lock()  # one worker thread at a time
         self._collecting = asyncio.Lock()
+        self._commit_lock = threading.Lock()
         self._carry: HandleLogCounter | None = None
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
@@ -179,6 +201,22 @@ class ResolutionLogConnector(ConnectorBase):
         self._malformed_total = 0
         self._rotations = 0
         self._truncations = 0
+        self._salt: bytes | None = None
+        self.explicit_commit = False
+        self._delivered: _Checkpoint | None = None  # the position after the last batch handed to the caller
+        self._last_minute: datetime | None = None  # the latest minute with a line, for gaps
+
+    def bind_agent(self, *, salt: bytes | None, explicit_commit: bool = True) -> None:
+        """Called once by the agent: the verifier-issued sampling salt, and whether the agent calls
+        :meth:`commit` after storing each report (then a collection no longer writes the checkpoint)."""
+        self._salt = salt
+        self.explicit_commit = explicit_commit
+
+    def commit(self) -> None:
+        """Everything handed out by ``collect()`` so far is stored: write the checkpoint for it."""
+        with self._commit_lock:
+            if self._delivered is not None:
+                self._write_checkpoint(self._delivered)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Self:
@@ -190,8 +228,10 @@ class ResolutionLogConnector(ConnectorBase):
         If the caller is cancelled while the worker thread reads, what it read is not lost: the next call
         returns it together with what was appended since."""
         async with self._collecting:
-            counter = await asyncio.to_thread(self._collect)
+            counter, position = await asyncio.to_thread(self._collect)
             self._carry = None  # delivered
+            with self._commit_lock:
+                self._delivered = position
             return self._batch(counter)
 
     def health(self) -> ConnectorHealth:
@@ -213,10 +253,17 @@ class ResolutionLogConnector(ConnectorBase):
 
     # --- one collection, in a worker thread ------------------------------------------------------------------
 
-    def _collect(self) -> HandleLogCounter:
+    def _collect(self) -> tuple[HandleLogCounter, _Checkpoint | None]:
         with self._mutex:
             if self._carry is None:  # else the last round was read but never delivered: add to it
-                self._carry = HandleLogCounter(max_line_bytes=self.config.max_line_bytes)
+                self._carry = HandleLogCounter(
+                    max_line_bytes=self.config.max_line_bytes,
+                    zone=self.zone,
+                    salt=self._salt,
+                    resolution_sample_log2=self.config.resolution_sample_log2,
+                    registration_sample_log2=self.config.registration_sample_log2,
+                    fmt=self.config.format,
+                )
             counter = self._carry
             if self._fd is None:
                 self._open_current(counter)
@@ -224,12 +271,17 @@ class ResolutionLogConnector(ConnectorBase):
                 self._check_in_place(self._fd, counter)
                 self._read_to_end(self._fd, counter)
                 self._follow_rename(counter)
-            self._save_checkpoint()
-            return counter
+            position = self._position()
+            if not self.explicit_commit and position is not None:
+                self._write_checkpoint(position)
+            return counter, position
 
     def _close(self) -> None:
         with self._mutex:
-            self._save_checkpoint()
+            if not self.explicit_commit:
+                position = self._position()
+                if position is not None:
+                    self._write_checkpoint(position)
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -402,7 +454,27 @@ class ResolutionLogConnector(ConnectorBase):
             malformed_lines=counter.malformed,
             malformed_samples=tuple(counter.malformed_samples),
             created_handles=tuple(counter.created_handles()),
+            created=tuple(counter.created()),
+            day_shapes=dict(counter.shapes),
+            gaps=tuple(self._gaps(counter)),
         )
+
+    def _gaps(self, counter: HandleLogCounter) -> list[tuple[datetime, datetime, str]]:
+        """Stretches longer than gap_after_s with no line at all, between the lines' minutes (this batch's and
+        the last one's)."""
+        minutes = sorted({b.minute for b in counter.buckets()})
+        if not minutes:
+            return []
+        limit = timedelta(seconds=self.config.gap_after_s)
+        gaps = []
+        previous = self._last_minute
+        for minute in minutes:
+            if previous is not None and minute - previous > limit:
+                gaps.append((previous + timedelta(minutes=1), minute, "no log lines"))
+            if previous is None or minute > previous:
+                previous = minute
+        self._last_minute = previous
+        return gaps
 
     # --- checkpoint ------------------------------------------------------------------------------------------
 
@@ -437,14 +509,14 @@ class ResolutionLogConnector(ConnectorBase):
             ) from None
         return _Checkpoint(dev=values[0], ino=values[1], offset=values[2], anchor=anchor)
 
-    def _save_checkpoint(self) -> None:
+    def _position(self) -> _Checkpoint | None:
+        if self._ident is None:
+            return None
+        return _Checkpoint(dev=self._ident[0], ino=self._ident[1], offset=self._asm.consumed, anchor=self._asm.anchor)
+
+    def _write_checkpoint(self, current: _Checkpoint) -> None:
         target = self.config.checkpoint_path
-        if target is None or self._ident is None:
-            return
-        current = _Checkpoint(
-            dev=self._ident[0], ino=self._ident[1], offset=self._asm.consumed, anchor=self._asm.anchor
-        )
-        if current == self._saved:
+        if target is None or current == self._saved:
             return
         doc = {
             "version": CHECKPOINT_VERSION,
@@ -473,3 +545,14 @@ def _holds(fd: int, asm: LineAssembler) -> bool:
     if not expect:
         return True
     return os.pread(fd, len(expect), asm.consumed - len(asm.anchor)) == expect
+
+
+def salt_from_enrollment(enrollment: Any) -> bytes:
+    """The sampling salt the verifier issued with enrollment (``resolution_salt``, base64). Enrollment records
+    that have none yet fall back to the deployment's fingerprint key, which the verifier also knows."""
+    salt = getattr(enrollment, "resolution_salt", None)
+    if isinstance(salt, str) and salt:
+        return base64.b64decode(salt, validate=True)
+    log.info("enrollment carries no resolution_salt yet; sampling under the fingerprint key instead")
+    key: bytes = enrollment.fingerprint_key_bytes
+    return key

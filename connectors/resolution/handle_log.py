@@ -23,28 +23,32 @@ A line is well-formed when (:func:`parse_line` enforces exactly this, and says w
 - the handle is printable ASCII (it is %-escaped), has a non-empty prefix before its first ``/``, every ``%``
   starts a ``%XX`` escape, and the unescaped bytes are UTF-8.
 
-:class:`HandleLogCounter` counts whole chunks with one compiled pattern over the chunk (no per-line Python
-work for the common line) into exact 60-second buckets keyed by (minute start, opCode, respCode, transport).
-Any line the pattern does not take goes through :func:`parse_line`, so the counter's answer is by construction
-the reference parser's answer: lines the reference accepts are counted, the others are counted as malformed with
-the reason, and a few are kept as samples. Nothing is dropped silently.
+:class:`HandleLogCounter` counts whole chunks vectorised (:mod:`connectors.resolution.fast`: numpy over the
+chunk's bytes, no per-line Python work for the common line) into exact 60-second buckets keyed by (minute start,
+opCode, respCode, transport), and keeps each day's shape (:mod:`connectors.resolution.shape`). Any line the
+vectorised path does not take goes through :func:`parse_line`, so the counter's answer is by construction the
+reference parser's answer: lines the reference accepts are counted, the others are counted as malformed with the
+reason, and a few are kept as samples. Nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import logging
+import multiprocessing
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote_to_bytes
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
 
 from connectors.base import (
     OP_CREATE,
@@ -54,11 +58,28 @@ from connectors.base import (
     ConnectorError,
     ResolutionBucket,
 )
+from connectors.resolution.fast import FastLines, parse_chunk
+from connectors.resolution.hashing import (
+    STAGE1_RATE_LOG2,
+    elapsed_key,
+    h64,
+    record_hash,
+    sample_key,
+    stage1,
+    stage2,
+    vh64_words,
+    vrecord_hash,
+    vstage1,
+)
+from connectors.resolution.shape import TOP_KEEP, DayShape, merge_shapes
+from protocol.merkle import leaf_hash, root_from_leaf_hashes
 
 log = logging.getLogger(__name__)
 
 FORMAT_HANDLE_NET = "handle-net"
-FORMATS = (FORMAT_HANDLE_NET,)
+FORMAT_HANDLE_PROXY = "handle-proxy"  # the HTTP proxy's access log: the same layout, optionally + ' "<referrer>"'
+FORMATS = (FORMAT_HANDLE_NET, FORMAT_HANDLE_PROXY)
+_REFERRER = re.compile(rb' "[^"\n]*"$', re.MULTILINE)  # a handle has no space, so this is never part of it
 DEFAULT_MAX_LINE_BYTES = 8192
 MIN_MAX_LINE_BYTES = 1024  # the fast pattern needs room for its bounded fields
 DEFAULT_READ_CHUNK_BYTES = 1 << 20
@@ -241,70 +262,56 @@ def _show(field: bytes) -> str:
 
 # --- the fast counter --------------------------------------------------------------------------------------
 
-# Fixed widths of everything but the handle in the fast pattern; the two handle parts get what is left of
-# max_line_bytes, so a line the pattern takes is never longer than max_line_bytes.
-_IP_MAX, _TRANSPORT_MAX, _IFACE_REST_MAX, _ADM_MAX = 64, 16, 64, 256
-_FIXED_MAX = _IP_MAX + 1 + _TRANSPORT_MAX + 1 + _IFACE_REST_MAX + 1 + 30 + 1 + 6 + 1 + 6 + 1 + 11 + 1 + 4 + _ADM_MAX + 1
-
-
-@functools.lru_cache(maxsize=8)
-def _line_pattern(max_line_bytes: int) -> re.Pattern[bytes]:
-    """One pattern for a whole chunk. Each line gives a tuple of five groups:
-
-    - ``'UDP:HDL(2.10) "2026-11-26 10:15'``: interface and minute (one group: fewer, larger groups are faster);
-    - ``'+0800" 1 1'``: UTC offset, opCode, respCode;
-    - the handle of a successful create (opCode 100, respCode 1), else empty;
-    - the handle of another line when it has %-escapes, else empty;
-    - the whole line when the fast rules do not cover it (it then goes to the reference parser), else empty.
-    """
-    part = (max_line_bytes - _FIXED_MAX - 1) // 2
-    plain = rb"[!-$&-.0-~]{1,%d}/[!-$&-~]{0,%d}" % (part, part)  # printable ASCII, no space and no '%'
-    escaped = (  # at most `part` bytes a side: an escape is 3 bytes
-        rb"(?:[!-$&-.0-~]|%%[0-9A-Fa-f]{2}){1,%d}/(?:[!-$&-~]|%%[0-9A-Fa-f]{2}){0,%d}" % (part // 3, part // 3)
-    )
-    tail = rb" \d{1,9}ms (?:adm=[^ \n]{0,%d})? " % _ADM_MAX
-    head = rb"[^ \n]{1,%d} ([A-Za-z0-9]{1,%d}:[^ \n]{1,%d} " % (_IP_MAX, _TRANSPORT_MAX, _IFACE_REST_MAX)
-    stamp_codes = rb'"\d{4}-\d\d-\d\d \d\d:\d\d):[0-5]\d\.\d{3}([+-]\d{4}" \d{1,6} \d{1,6})'
-    create = rb'(?<=" 100 1)%s(%s|%s)' % (tail, plain, escaped)
-    other = rb"%s(?:%s|(%s))" % (tail, plain, escaped)
-    line = head + stamp_codes + rb"(?:" + create + rb"|" + other + rb")"
-    return re.compile(rb"^(?:" + line + rb"$|(.*)$)", re.MULTILINE)
-
-
-def _leading_zero(code: bytes) -> bool:
-    return len(code) > 1 and code[0] == 48  # b"0"
-
-
-def _unescaped(raw: bytes) -> str | None:
-    """A handle whose escapes the pattern checked: unescaped, or None when that is not UTF-8."""
-    if b"%" not in raw:
-        return raw.decode("ascii")
-    try:
-        return unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 BucketKey = tuple[datetime, int, int, str]
+SHANGHAI = "Asia/Shanghai"
+DEFAULT_RESOLUTION_SAMPLE_LOG2 = 16  # one resolution line in 65,536 (about 76 of 5 million a day)
+DEFAULT_REGISTRATION_SAMPLE_LOG2 = 10  # one registration line in 1,024
+_KEY_T, _KEY_CODE = 256, 1024
 
 
 class HandleLogCounter:
-    """Exact counts of HANDLE.NET access-log lines in 60-second buckets, from whole chunks of complete lines.
+    """Exact counts of HANDLE.NET access-log lines in 60-second buckets, from whole chunks of complete lines,
+    and the per-day shape of the traffic (:class:`~connectors.resolution.shape.DayShape`).
 
-    ``feed`` as many chunks as there are; then read ``buckets()``, ``created()``, ``lines``, ``malformed`` and
-    ``malformed_samples``. A minute keeps the UTC offset its first line was written in; the same instant written
-    with another offset lands in the same bucket.
+    ``feed`` as many chunks as there are; then read ``buckets()``, ``created()``, ``lines``, ``malformed``,
+    ``malformed_samples`` and ``shapes`` (per calendar day in ``zone``). Chunks are parsed vectorised
+    (:func:`connectors.resolution.fast.parse_chunk`); every line that path does not take goes through
+    :func:`parse_line`, so the answer is the reference parser's answer line for line. A minute keeps the UTC offset
+    of the first line that made its bucket; the same instant written with another offset lands in the same bucket.
+
+    With a ``salt`` (issued by the verifier), lines are sampled as evidence (``hashing`` module docstring).
     """
 
-    def __init__(self, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_samples: int = MAX_SAMPLES) -> None:
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_samples: int = MAX_SAMPLES,
+        zone: ZoneInfo | None = None,
+        salt: bytes | None = None,
+        resolution_sample_log2: int = DEFAULT_RESOLUTION_SAMPLE_LOG2,
+        registration_sample_log2: int = DEFAULT_REGISTRATION_SAMPLE_LOG2,
+        fmt: str = FORMAT_HANDLE_NET,
+    ) -> None:
+        check_format(fmt)
         if max_line_bytes < MIN_MAX_LINE_BYTES:
             raise ValueError(f"max_line_bytes: expected at least {MIN_MAX_LINE_BYTES}, got {max_line_bytes}")
+        for name, rate in (("resolution_sample_log2", resolution_sample_log2),
+                           ("registration_sample_log2", registration_sample_log2)):
+            if not STAGE1_RATE_LOG2 <= rate <= 62:
+                raise ValueError(f"{name}: expected an integer from {STAGE1_RATE_LOG2} to 62, got {rate}")
         self.max_line_bytes = max_line_bytes
         self.max_samples = max_samples
-        self._pattern = _line_pattern(max_line_bytes)
+        self.fmt = fmt
+        self.zone = zone or ZoneInfo(SHANGHAI)
+        self.salt = salt
+        self.sample_log2 = {"resolution": resolution_sample_log2, "registration": registration_sample_log2}
+        self._k1 = sample_key(salt) if salt is not None else 0
         self._counts: dict[BucketKey, int] = {}
         self._created: list[tuple[datetime, str]] = []
-        self._minutes: dict[tuple[bytes, bytes], datetime | None] = {}
+        self._whens: dict[tuple[int, int], datetime] = {}
+        self._days: dict[int, str] = {}
+        self.shapes: dict[str, DayShape] = {}
         self.lines = 0  # every complete line seen, well-formed or not
         self.malformed = 0
         self.malformed_samples: list[str] = []
@@ -318,40 +325,144 @@ class HandleLogCounter:
             raise ValueError("feed() takes complete lines: data must end with a newline")
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
+        if self.fmt == FORMAT_HANDLE_PROXY and b'"\n' in data:
+            data = _REFERRER.sub(b"", data)
+        fl = parse_chunk(data, self.max_line_bytes)
+        self.lines += fl.n_lines
+        creates: list[tuple[int, datetime, str]] = []
+        if len(fl.index):
+            self._count_fast(data, fl, creates)
+        n_fast = len(creates)
+        pending: list[tuple[bytes, LogLine]] = []
+        for i in fl.slow.tolist():
+            self._count_slow(data[fl.starts[i] : fl.ends[i]], line_no=i, creates=creates, pending=pending)
+        if pending:
+            self._shape_slow(pending)
+        if creates:
+            if len(creates) > n_fast:  # file order across both paths
+                creates.sort(key=lambda c: c[0])
+            self._created.extend([(when, handle) for _, when, handle in creates])
+
+    def _count_fast(self, data: bytes, fl: FastLines, creates: list[tuple[int, datetime, str]]) -> None:
         counts = self._counts
-        found = Counter(self._pattern.findall(data, 0, len(data) - 1))
-        doubtful: set[tuple[bytes, ...]] = set()
-        for fields, n in found.items():
-            iface_minute, offset_codes, created, escaped, bad = fields
-            self.lines += n
-            if bad or not iface_minute:
-                for _ in range(n):
-                    self._count_slow(bad)
-                continue
-            when = self._minute(iface_minute[-16:], offset_codes[:5])
-            handle = _unescaped(escaped or created) if escaped or created else ""
-            op_b, _, resp_b = offset_codes[7:].partition(b" ")
-            if when is None or handle is None or _leading_zero(op_b) or _leading_zero(resp_b):
-                doubtful.add(fields)  # let the reference parser judge these lines
-                continue
-            if created:
-                self._created.extend([(when, handle)] * n)
-            key = (when, int(op_b), int(resp_b), iface_minute[: iface_minute.index(b":")].decode("ascii"))
-            counts[key] = counts.get(key, 0) + n
-        if doubtful:
-            for match in self._pattern.finditer(data, 0, len(data) - 1):
-                if match.groups(b"") in doubtful:
-                    self._count_slow(match.group(0))
+        n_combo = len(fl.combo_op)
+        run_whens = [self._when(u, o) for u, o in zip(fl.run_utc.tolist(), fl.run_off.tolist(), strict=True)]
+        key = fl.run * n_combo + fl.combo
+        if len(run_whens) * n_combo <= 4 * len(key) + 4096:
+            tally = np.bincount(key, minlength=len(run_whens) * n_combo)
+            found = np.flatnonzero(tally)
+            pairs = zip(found.tolist(), tally[found].tolist(), strict=True)
+        else:
+            uniq, n = np.unique(key, return_counts=True)
+            pairs = zip(uniq.tolist(), n.tolist(), strict=True)
+        ops, resps, ts = fl.combo_op.tolist(), fl.combo_resp.tolist(), fl.combo_t.tolist()
+        for k, c in pairs:
+            r, j = divmod(k, n_combo)
+            bk = (run_whens[r], ops[j], resps[j], fl.transports[ts[j]])
+            counts[bk] = counts.get(bk, 0) + c
+        is_create = (fl.op == OP_CREATE) & (fl.resp == RC_SUCCESS)
+        idx = np.flatnonzero(is_create)
+        if len(idx):
+            escaped = fl.escaped[idx].tolist()
+            for i, s, ln, r, esc in zip(idx.tolist(), fl.handle_start[idx].tolist(), fl.handle_len[idx].tolist(),
+                                        fl.run[idx].tolist(), escaped, strict=True):
+                raw = data[s : s + ln]
+                handle = unquote_to_bytes(raw).decode("utf-8") if esc else raw.decode("ascii")
+                creates.append((int(fl.index[i]), run_whens[r], handle))
+        # per-day shape
+        lo, hi = int(fl.run_utc.min()), int(fl.run_utc.max())
+        day_lo, day_hi = self._day(lo), self._day(hi)
+        if day_lo == day_hi:
+            self._shape_fast(data, fl, None, day_lo)
+        else:
+            uniq_min, inv = np.unique(fl.utc_min, return_inverse=True)
+            names = [self._day(m) for m in uniq_min.tolist()]
+            day_of = np.array([sorted(set(names)).index(d) for d in names])[inv]
+            for j, day in enumerate(sorted(set(names))):
+                self._shape_fast(data, fl, day_of == j, day)
+
+    def _shape_fast(self, data: bytes, fl: FastLines, mask: Any, day: str) -> None:
+        shape = self.shapes.get(day)
+        if shape is None:
+            shape = self.shapes[day] = self._new_shape()
+
+        def pick(arr: Any) -> Any:
+            return arr if mask is None else arr[mask]
+
+        op, resp, ip_h = pick(fl.op), pick(fl.resp), pick(fl.ip_hash)
+        handle_h = pick(fl.handle_hash)
+        resolved = handle_h[(op == OP_RESOLUTION) & (resp == RC_SUCCESS)]
+        shape.add_new(handle_h[(op == OP_CREATE) & (resp == RC_SUCCESS)])
+        shape.add_resolved(resolved)
+        shape.add_ids(resolved)
+        # clients, then their /24 networks from the distinct clients only
+        uh, first, cnt = np.unique(ip_h, return_index=True, return_counts=True)
+        shape.add_distinct_clients(uh)
+        ip_start, ip_len, net_len = pick(fl.ip_start)[first], pick(fl.ip_len)[first], pick(fl.net_len)[first]
+        net_h = vh64_words(pick(fl.ip_words)[first], net_len)
+        un, n_first, n_inv = np.unique(net_h, return_index=True, return_inverse=True)
+        n_cnt = np.bincount(n_inv.reshape(-1), weights=cnt).astype(np.int64)
+        for summary, hashes, counts, rows, lengths in ((shape.top_clients, uh, cnt, None, ip_len),
+                                                       (shape.top_networks, un, n_cnt, n_first, net_len)):
+            starts = ip_start if rows is None else ip_start[rows]
+            lens = lengths if rows is None else lengths[rows]
+            if len(hashes) > 2 * TOP_KEEP:
+                best = np.argpartition(-counts, 2 * TOP_KEEP)[: 2 * TOP_KEEP]
+                hashes, counts, starts, lens = hashes[best], counts[best], starts[best], lens[best]
+            names = [data[s : s + ln].decode("utf-8", "backslashreplace")
+                     for s, ln in zip(starts.tolist(), lens.tolist(), strict=True)]
+            summary.add_many(hashes.tolist(), counts.tolist(), names, total=len(ip_h))
+        rec = vrecord_hash(ip_h, handle_h, pick(fl.utc_ms), op, resp, pick(fl.elapsed))
+        shape.add_records(rec)
+        if self.salt is not None:
+            cand = np.flatnonzero(vstage1(rec, self._k1) & ((op == OP_RESOLUTION) | (op == OP_CREATE)))
+            if len(cand):
+                index = pick(fl.index)
+                for c in cand.tolist():
+                    i = int(index[c])
+                    line = data[fl.starts[i] : fl.ends[i]]
+                    self._maybe_sample(shape, int(op[c]), line)
+
+    def _new_shape(self) -> DayShape:
+        shape = DayShape()
+        if self.salt is not None:
+            shape.sample_log2 = (self.sample_log2["resolution"], self.sample_log2["registration"])
+        return shape
+
+    def _maybe_sample(self, shape: DayShape, op: int, line: bytes) -> None:
+        kind = "registration" if op == OP_CREATE else "resolution"
+        assert self.salt is not None
+        if stage2(self.salt, line, self.sample_log2[kind]):
+            shape.add_sample(kind, line.decode("ascii", "backslashreplace"))
 
     def count_line(self, line: bytes) -> None:
         """Count one line (without its newline) through the reference parser."""
         self.lines += 1
-        self._count_slow(line)
+        if self.fmt == FORMAT_HANDLE_PROXY:
+            line = _REFERRER.sub(b"", line.removesuffix(b"\r"))
+        creates: list[tuple[int, datetime, str]] = []
+        pending: list[tuple[bytes, LogLine]] = []
+        self._count_slow(line, line_no=0, creates=creates, pending=pending)
+        self._shape_slow(pending)
+        self._created.extend((when, handle) for _, when, handle in creates)
 
     def count_malformed(self, reason: str, line: bytes) -> None:
         """Count one line that the caller found malformed (e.g. longer than it could hold)."""
         self.lines += 1
         self._count_malformed(reason, line)
+
+    def merge(self, other: HandleLogCounter) -> None:
+        """Add what ``other`` counted after what this counter counted (file order is kept for creates)."""
+        for k, n in other._counts.items():
+            self._counts[k] = self._counts.get(k, 0) + n
+        self._created.extend(other._created)
+        self.lines += other.lines
+        self.malformed += other.malformed
+        self.malformed_reasons.update(other.malformed_reasons)
+        for sample in other.malformed_samples:
+            if len(self.malformed_samples) < self.max_samples and sample not in self.malformed_samples:
+                self.malformed_samples.append(sample)
+        merge_shapes(self.shapes, other.shapes.items())
 
     def buckets(self) -> list[ResolutionBucket]:
         return [
@@ -366,29 +477,35 @@ class HandleLogCounter:
     def created_handles(self) -> list[str]:
         return [handle for _, handle in self._created]
 
-    def _minute(self, minute: bytes, offset: bytes) -> datetime | None:
-        """The minute start, or None when the fields do not make a valid date, time and offset."""
-        key = (minute, offset)
-        try:
-            return self._minutes[key]
-        except KeyError:
-            pass
-        when = None
-        off_h, off_m = int(offset[1:3]), int(offset[3:5])
-        if off_h <= 23 and off_m <= 59:
-            with contextlib.suppress(ValueError):
-                when = datetime(
-                    int(minute[0:4]),
-                    int(minute[5:7]),
-                    int(minute[8:10]),
-                    int(minute[11:13]),
-                    int(minute[14:16]),
-                    tzinfo=_offset(offset[:1], off_h, off_m),
-                )
-        self._minutes[key] = when
-        return when
+    def drop_created(self) -> None:
+        """Forget the creates (after their first creates were taken), to free memory."""
+        self._created = []
 
-    def _count_slow(self, line: bytes) -> None:
+    def _when(self, utc_min: int, off_min: int) -> datetime:
+        key = (utc_min, off_min)
+        found = self._whens.get(key)
+        if found is None:
+            tz = _offset(b"-" if off_min < 0 else b"+", abs(off_min) // 60, abs(off_min) % 60)
+            found = self._whens[key] = datetime.fromtimestamp(utc_min * 60, tz)
+        return found
+
+    def _day(self, utc_min: int) -> str:
+        found = self._days.get(utc_min)
+        if found is None:
+            found = datetime.fromtimestamp(utc_min * 60, self.zone).date().isoformat()
+            if len(self._days) > 100_000:
+                self._days.clear()
+            self._days[utc_min] = found
+        return found
+
+    def _count_slow(
+        self,
+        line: bytes,
+        *,
+        line_no: int,
+        creates: list[tuple[int, datetime, str]],
+        pending: list[tuple[bytes, LogLine]],
+    ) -> None:
         try:
             parsed = parse_line(line, max_line_bytes=self.max_line_bytes)
         except MalformedLineError as exc:
@@ -398,7 +515,50 @@ class HandleLogCounter:
         key = (when, parsed.op_code, parsed.resp_code, parsed.transport)
         self._counts[key] = self._counts.get(key, 0) + 1
         if parsed.op_code == OP_CREATE and parsed.resp_code == RC_SUCCESS:
-            self._created.append((when, parsed.handle))
+            creates.append((line_no, when, parsed.handle))
+        pending.append((line[:-1] if line.endswith(b"\r") else line, parsed))
+
+    def _shape_slow(self, pending: list[tuple[bytes, LogLine]]) -> None:
+        """The shape of the lines the reference parser took (a few per chunk), a day at a time."""
+        by_day: dict[str, list[tuple[bytes, LogLine, int]]] = {}
+        for line, parsed in pending:
+            utc_ms = (parsed.timestamp - _EPOCH) // timedelta(milliseconds=1)
+            by_day.setdefault(self._day(utc_ms // 60000), []).append((line, parsed, utc_ms))
+        for day, items in by_day.items():
+            shape = self.shapes.get(day)
+            if shape is None:
+                shape = self.shapes[day] = self._new_shape()
+            ids: list[int] = []
+            new: list[int] = []
+            clients: Counter[bytes] = Counter()
+            nets: Counter[bytes] = Counter()
+            records: list[int] = []
+            for line, parsed, utc_ms in items:
+                ip = line.split(b" ", 1)[0]
+                dot = ip.rfind(b".")
+                clients[ip] += 1
+                nets[ip[:dot] if dot >= 0 else ip] += 1
+                handle = parsed.handle.encode("utf-8")
+                if parsed.op_code == OP_RESOLUTION and parsed.resp_code == RC_SUCCESS:
+                    ids.append(h64(handle))
+                elif parsed.op_code == OP_CREATE and parsed.resp_code == RC_SUCCESS:
+                    new.append(h64(handle))
+                elapsed = elapsed_key(line.split(b" ")[6][:-2])
+                rec = record_hash(ip, handle, utc_ms, parsed.op_code, parsed.resp_code, elapsed)
+                records.append(rec)
+                if self.salt is not None and parsed.op_code in (OP_RESOLUTION, OP_CREATE) and stage1(rec, self._k1):
+                    self._maybe_sample(shape, parsed.op_code, line)
+            shape.add_new(np.array(new, dtype=np.uint64))
+            shape.add_resolved(np.array(ids, dtype=np.uint64))
+            shape.add_ids(np.array(ids, dtype=np.uint64))
+            for summary, counts in ((shape.top_clients, clients), (shape.top_networks, nets)):
+                keys = list(counts)
+                hashes = [h64(k) for k in keys]
+                names = [k.decode("utf-8", "backslashreplace") for k in keys]
+                summary.add_many(hashes, [counts[k] for k in keys], names)
+                if summary is shape.top_clients:
+                    shape.add_clients(np.array(hashes, dtype=np.uint64))
+            shape.add_records(np.array(records, dtype=np.uint64))
 
     def _count_malformed(self, reason: str, line: bytes, *, n: int = 1) -> None:
         self.malformed += n
@@ -406,6 +566,9 @@ class HandleLogCounter:
         sample = f"{reason}: {sample_text(line)}"
         if len(self.malformed_samples) < self.max_samples and sample not in self.malformed_samples:
             self.malformed_samples.append(sample)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class LineAssembler:
@@ -506,9 +669,14 @@ DAY_FIELDS = ("resolutions_ok", "resolutions_failed", "creates_ok", "deletes_ok"
 
 
 def daily_totals(
-    buckets: Iterable[ResolutionBucket], created: Iterable[tuple[datetime, str]], zone: ZoneInfo
+    buckets: Iterable[ResolutionBucket],
+    created: Iterable[tuple[datetime, str]],
+    zone: ZoneInfo,
+    *,
+    first: Mapping[str, datetime] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Roll buckets up to calendar days in ``zone``. A handle is a new registration on the day of its earliest
+    """Roll buckets up to calendar days in ``zone`` (``first``: each handle's earliest create, when already known
+    from :func:`first_creates`; then ``created`` is not read). A handle is a new registration on the day of its earliest
     successful create in ``created``; later creates of the same handle (re-created after a delete) are not."""
     days: dict[str, dict[str, int]] = {}
     minute_days: dict[datetime, dict[str, int]] = {}
@@ -530,14 +698,23 @@ def daily_totals(
             day["resolutions_ok" if b.resp_code == RC_SUCCESS else "resolutions_failed"] += b.count
         elif b.op_code == OP_DELETE and b.resp_code == RC_SUCCESS:
             day["deletes_ok"] += b.count
+    for when in (first if first is not None else first_creates(created)).values():
+        day_of(when)["creates_ok"] += 1
+    return dict(sorted(days.items()))
+
+
+def first_creates(created: Iterable[tuple[datetime, str]]) -> dict[str, datetime]:
+    """Each handle's earliest successful create (the minute of its registration)."""
     first: dict[str, datetime] = {}
     for when, handle in created:
         seen = first.get(handle)
         if seen is None or when < seen:
             first[handle] = when
-    for when in first.values():
-        day_of(when)["creates_ok"] += 1
-    return dict(sorted(days.items()))
+    return first
+
+
+COUNT_CHUNK_BYTES = 4 << 20
+MIN_RANGE_BYTES = 16 << 20  # smaller files are not worth another process
 
 
 def count_files(
@@ -546,7 +723,9 @@ def count_files(
     fmt: str = FORMAT_HANDLE_NET,
     tz: str = "Asia/Shanghai",
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    read_chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
+    read_chunk_bytes: int = COUNT_CHUNK_BYTES,
+    workers: int | None = None,
+    salt: bytes | None = None,
 ) -> dict[str, Any]:
     """Count whole access-log files (plain or gzip, told apart by their first bytes) offline.
 
@@ -554,28 +733,123 @@ def count_files(
 
         {"days": {"2026-11-26": {"resolutions_ok": n, "resolutions_failed": n, "creates_ok": n,
                                  "deletes_ok": n, "lines": n}},
-         "lines": n, "malformed": n, "malformed_samples": [...]}
+         "lines": n, "malformed": n, "malformed_samples": [...],
+         "shapes": {"2026-11-26": {distinct identifiers and clients, their sketches, top clients and
+                                   networks, replays, samples (with a salt), new_identifiers_root}}}
 
     ``creates_ok`` counts new registrations: handles whose earliest successful create in these files falls on
     that day. A day's ``lines`` are its well-formed lines; the top-level ``lines`` counts every line. A last line
-    without a newline is counted as a line of its own.
+    without a newline is counted as a line of its own. Plain files are cut at line boundaries into byte ranges
+    counted by ``workers`` processes (default: one per CPU) and merged in file order; gzip files are read whole.
     """
     check_format(fmt)
     zone = load_zone(tz)
-    counter = HandleLogCounter(max_line_bytes=max_line_bytes)
+    n_workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    jobs: list[tuple[str, int, int | None]] = []
     for path in paths:
-        assembler = LineAssembler(max_line_bytes=max_line_bytes)
-        with _open_log(Path(path)) as fh:
-            while chunk := fh.read(read_chunk_bytes):
-                assembler.push(chunk, counter)
-        assembler.finish(counter)
-        log.debug("counted %s: %d lines so far, %d malformed", path, counter.lines, counter.malformed)
+        jobs.extend(_ranges(Path(path), n_workers))
+    params = (zone.key, max_line_bytes, read_chunk_bytes, salt, fmt)
+    counter = _new_counter(params)
+    if n_workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(n_workers, len(jobs))) as pool:
+            for part in pool.imap(_count_job, [(job, params) for job in jobs]):  # in file order
+                counter.merge(part)
+    else:
+        for job in jobs:
+            counter.merge(_count_range(job, params))
+    first = first_creates(counter.created())
+    counter.drop_created()  # the first creates are all that is needed from here on
+    days = daily_totals(counter.buckets(), (), zone, first=first)
     return {
-        "days": daily_totals(counter.buckets(), counter.created(), zone),
+        "days": days,
         "lines": counter.lines,
         "malformed": counter.malformed,
         "malformed_samples": list(counter.malformed_samples),
+        "shapes": day_shapes(counter, zone, first=first),
     }
+
+
+def day_shapes(
+    counter: HandleLogCounter, zone: ZoneInfo, *, first: dict[str, datetime] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each day's shape summary, with the Merkle root over the day's new identifiers and the hourly profile."""
+    new_by_day: dict[str, list[str]] = {}
+    if first is None:
+        first = first_creates(counter.created())
+    for handle, when in first.items():
+        new_by_day.setdefault(when.astimezone(zone).date().isoformat(), []).append(handle)
+    hourly: dict[str, list[int]] = {}
+    for b in counter.buckets():
+        if b.op_code == OP_RESOLUTION and b.resp_code == RC_SUCCESS:
+            local = b.minute.astimezone(zone)
+            hourly.setdefault(local.date().isoformat(), [0] * 24)[local.hour] += b.count
+    out: dict[str, dict[str, Any]] = {}
+    for day in sorted(set(counter.shapes) | set(new_by_day)):
+        shape = counter.shapes.get(day) or DayShape()
+        summary = shape.summary()
+        summary["hourly_resolutions_ok"] = hourly.get(day, [0] * 24)
+        summary["new_identifiers_root"] = new_identifiers_root(new_by_day.get(day, [])).hex()
+        summary["new_identifiers"] = len(new_by_day.get(day, []))
+        out[day] = summary
+    return out
+
+
+def new_identifiers_root(handles: Iterable[str]) -> bytes:
+    """RFC 9162 Merkle root over a day's new identifiers: leaves are the UTF-8 handles, sorted and distinct."""
+    return root_from_leaf_hashes([leaf_hash(h.encode("utf-8")) for h in sorted(set(handles))])
+
+
+_Params = tuple[str, int, int, bytes | None, str]
+
+
+def _new_counter(params: _Params) -> HandleLogCounter:
+    zone, max_line_bytes, _, salt, fmt = params
+    return HandleLogCounter(max_line_bytes=max_line_bytes, zone=ZoneInfo(zone), salt=salt, fmt=fmt)
+
+
+def _ranges(path: Path, n: int) -> list[tuple[str, int, int | None]]:
+    """Byte ranges of a plain file cut just after a newline (None: to the end); a gzip file is one job."""
+    with path.open("rb") as fh:
+        magic = fh.read(2)
+        size = os.fstat(fh.fileno()).st_size
+        if magic == b"\x1f\x8b" or n == 1 or size < 2 * MIN_RANGE_BYTES:
+            return [(str(path), 0, None)]
+        parts = min(n * 2, size // MIN_RANGE_BYTES)
+        cuts = [0]
+        for k in range(1, parts):
+            fh.seek(max(cuts[-1], size * k // parts))
+            rest = fh.readline()
+            cut = fh.tell() if rest.endswith(b"\n") else size
+            if cut < size and cut > cuts[-1]:
+                cuts.append(cut)
+    ends: list[int | None] = [*cuts[1:], None]
+    return [(str(path), start, end) for start, end in zip(cuts, ends, strict=True)]
+
+
+def _count_job(args: tuple[tuple[str, int, int | None], _Params]) -> HandleLogCounter:
+    return _count_range(*args)
+
+
+def _count_range(job: tuple[str, int, int | None], params: _Params) -> HandleLogCounter:
+    path, start, end = job
+    counter = _new_counter(params)
+    chunk = params[2]
+    assembler = LineAssembler(max_line_bytes=counter.max_line_bytes)
+    with _open_log(Path(path)) as fh:
+        if start:
+            fh.seek(start)
+        left = None if end is None else end - start
+        while left is None or left > 0:
+            data = fh.read(chunk if left is None else min(chunk, left))
+            if not data:
+                break
+            if left is not None:
+                left -= len(data)
+            assembler.push(data, counter)
+    assembler.finish(counter)
+    log.debug("counted %s [%d, %s): %d lines, %d malformed", path, start, end, counter.lines, counter.malformed)
+    return counter
 
 
 def _open_log(path: Path) -> Any:

@@ -1,0 +1,328 @@
+"""Measure 2 evidence from resolution-node reports: merged distinct counts, day shape, anomaly flags, sample checks.
+
+Pure functions: report payloads (``protocol.report`` models) in, results out; no I/O, no clock. Flags inform the
+officials beside the verdict; they never change a count.
+
+- :func:`day_evidence` folds the ``resolution`` parts of one agent's reports into one :class:`DayEvidence` per
+  calendar day: exact successful resolutions (from the buckets), the hourly profile, HyperLogLog sketches merged
+  across periods (Apache DataSketches, lg_k 12), the heaviest clients and /24 networks, replay tracking, follow-up
+  of new identifiers, evidence samples and gaps.
+- :func:`anomaly_flags` reads one day's evidence and names what does not look like organic traffic:
+  ``flat_loop`` (a few clients make most of the traffic, flat around the clock), ``replayed_lines`` (the same
+  record again), ``bulk_unresolved`` (many new identifiers, almost none resolved), ``samples_inconsistent`` (fewer
+  or more salted samples than the count implies).
+- :func:`sample_selected` recomputes, from a sampled line and the salt the verifier issued, whether the line was
+  due to be sampled (the same two stages as ``connectors/resolution/hashing.py``; tests check they agree).
+- :func:`verify_new_identifier` checks an identifier an official drew against the period's Merkle root.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from urllib.parse import unquote_to_bytes
+
+from datasketches import hll_sketch, hll_union, tgt_hll_type
+
+from protocol.merkle import leaf_hash, verify_inclusion
+from protocol.report import ReportV1
+
+LG_K = 12
+OP_RESOLUTION, OP_CREATE, RC_SUCCESS = 1, 100, 1
+
+# Flag thresholds (informative; the rule files may later carry them).
+FLAT_TOP_CLIENTS = 3
+FLAT_TOP_SHARE = 0.5
+FLAT_HOURLY_CV = 0.2
+FLAT_RESOLUTIONS_PER_ID = 1000.0
+REPLAY_MIN_TRACKED = 100
+REPLAY_RATE = 0.01
+BULK_MIN_TRACKED = 100
+BULK_RESOLVED_RATE = 0.05
+SAMPLE_SIGMAS = 4.0
+
+
+# --- sketches ----------------------------------------------------------------------------------------------
+
+
+def merge_sketches(sketches_b64: Iterable[str]) -> str:
+    """Union of DataSketches HLL images (base64); the empty union when there are none."""
+    union = hll_union(LG_K)
+    for text in sketches_b64:
+        if text:
+            union.update(hll_sketch.deserialize(base64.b64decode(text, validate=True)))
+    return base64.b64encode(union.get_result(tgt_hll_type.HLL_8).serialize_compact()).decode("ascii")
+
+
+def estimate(sketch_b64: str) -> float:
+    if not sketch_b64:
+        return 0.0
+    return float(hll_sketch.deserialize(base64.b64decode(sketch_b64, validate=True)).get_estimate())
+
+
+# --- one day from reports ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DayEvidence:
+    day: date
+    resolutions_ok: int = 0
+    resolutions_failed: int = 0
+    hourly_ok: list[int] = field(default_factory=lambda: [0] * 24)
+    identifiers_sketch: str = ""
+    clients_sketch: str = ""
+    lines: int = 0
+    top_clients: dict[str, int] = field(default_factory=dict)
+    top_networks: dict[str, int] = field(default_factory=dict)
+    replay_tracked: int = 0
+    replay_duplicates: int = 0
+    new_tracked: int = 0
+    new_resolved: int = 0
+    resolution_sample_log2: int = 0
+    registration_sample_log2: int = 0
+    resolution_samples: list[str] = field(default_factory=list)
+    registration_samples: list[str] = field(default_factory=list)
+    gaps: list[tuple[datetime, datetime, str]] = field(default_factory=list)
+
+    @property
+    def distinct_identifiers(self) -> float:
+        return estimate(self.identifiers_sketch)
+
+    @property
+    def distinct_clients(self) -> float:
+        return estimate(self.clients_sketch)
+
+    def share_of_top(self, k: int, *, networks: bool = False) -> float:
+        counts = sorted((self.top_networks if networks else self.top_clients).values(), reverse=True)
+        return sum(counts[:k]) / self.lines if self.lines else 0.0
+
+
+def day_evidence(reports: Sequence[ReportV1], zone: tzinfo) -> dict[date, DayEvidence]:
+    """One agent's reports (any order) folded per calendar day in ``zone``."""
+    days: dict[date, DayEvidence] = {}
+
+    def get(d: date) -> DayEvidence:
+        found = days.get(d)
+        if found is None:
+            found = days[d] = DayEvidence(day=d)
+        return found
+
+    for report in sorted(reports, key=lambda r: r.seq):
+        res = report.resolution
+        if res is None:
+            continue
+        for b in res.buckets:
+            if b.op != OP_RESOLUTION:
+                continue
+            local = b.minute.astimezone(zone)
+            ev = get(local.date())
+            if b.resp == RC_SUCCESS:
+                ev.resolutions_ok += b.count
+                ev.hourly_ok[local.hour] += b.count
+            else:
+                ev.resolutions_failed += b.count
+        for shape in res.days:
+            ev = get(shape.day)
+            ev.identifiers_sketch = merge_sketches([ev.identifiers_sketch, shape.identifiers_sketch])
+            ev.clients_sketch = merge_sketches([ev.clients_sketch, shape.clients_sketch])
+            ev.lines += shape.lines
+            for target, shares in ((ev.top_clients, shape.top_clients), (ev.top_networks, shape.top_networks)):
+                for s in shares:
+                    target[s.name] = target.get(s.name, 0) + s.count
+            ev.replay_tracked += shape.replay_tracked
+            ev.replay_duplicates += shape.replay_duplicates
+            ev.new_tracked += shape.new_tracked
+            ev.new_resolved += shape.new_resolved
+            ev.resolution_sample_log2 = max(ev.resolution_sample_log2, shape.resolution_sample_log2)
+            ev.registration_sample_log2 = max(ev.registration_sample_log2, shape.registration_sample_log2)
+            ev.resolution_samples.extend(shape.resolution_samples)
+            ev.registration_samples.extend(shape.registration_samples)
+        for gap in res.gaps:
+            get(gap.start.astimezone(zone).date()).gaps.append((gap.start, gap.end, gap.reason))
+    return dict(sorted(days.items()))
+
+
+# --- flags -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    code: str
+    message: str
+    value: float
+    threshold: float
+
+
+def hourly_cv(hourly: Sequence[int]) -> float:
+    """Coefficient of variation of the hourly counts (organic traffic has a strong daily rhythm)."""
+    n = len(hourly)
+    mean = sum(hourly) / n if n else 0.0
+    if mean == 0:
+        return 0.0
+    return math.sqrt(sum((h - mean) ** 2 for h in hourly) / n) / mean
+
+
+def anomaly_flags(ev: DayEvidence) -> list[Flag]:
+    flags: list[Flag] = []
+    top = ev.share_of_top(FLAT_TOP_CLIENTS)
+    cv = hourly_cv(ev.hourly_ok)
+    distinct = ev.distinct_identifiers
+    per_id = ev.resolutions_ok / distinct if distinct else 0.0
+    if top >= FLAT_TOP_SHARE and (cv < FLAT_HOURLY_CV or per_id >= FLAT_RESOLUTIONS_PER_ID):
+        flags.append(Flag(
+            "flat_loop",
+            f"{top:.0%} of the day's lines come from its top {FLAT_TOP_CLIENTS} clients, with an hourly variation "
+            f"of {cv:.2f} and {per_id:.0f} resolutions per distinct identifier: not the shape of organic traffic",
+            top, FLAT_TOP_SHARE,
+        ))
+    if ev.replay_tracked >= REPLAY_MIN_TRACKED:
+        rate = ev.replay_duplicates / ev.replay_tracked
+        if rate >= REPLAY_RATE:
+            flags.append(Flag(
+                "replayed_lines",
+                f"{rate:.1%} of the tracked records ({ev.replay_duplicates} of {ev.replay_tracked}) repeat an "
+                "earlier record exactly (same client, identifier, millisecond, codes and elapsed time)",
+                rate, REPLAY_RATE,
+            ))
+    if ev.new_tracked >= BULK_MIN_TRACKED:
+        rate = ev.new_resolved / ev.new_tracked
+        if rate < BULK_RESOLVED_RATE:
+            flags.append(Flag(
+                "bulk_unresolved",
+                f"only {rate:.1%} of the followed new identifiers ({ev.new_resolved} of {ev.new_tracked}) were "
+                "resolved the day they were registered",
+                rate, BULK_RESOLVED_RATE,
+            ))
+    if ev.resolution_sample_log2:
+        expected = ev.resolutions_ok / (1 << ev.resolution_sample_log2)  # samples are drawn from op 1 lines
+        got = len(ev.resolution_samples)
+        # resolution samples come from all resolution lines (ok and failed)
+        expected = (ev.resolutions_ok + ev.resolutions_failed) / (1 << ev.resolution_sample_log2)
+        spread = SAMPLE_SIGMAS * math.sqrt(max(expected, 1.0))
+        if abs(got - expected) > spread and got < 200:
+            flags.append(Flag(
+                "samples_inconsistent",
+                f"{got} salted resolution samples where about {expected:.1f} ± {spread:.1f} were due",
+                float(got), expected,
+            ))
+    return flags
+
+
+# --- samples -----------------------------------------------------------------------------------------------
+
+_MASK = (1 << 64) - 1
+_SEED, _K_LEN, _K_WORD = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x87C37B91114253D5
+_M = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93,
+      0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3, 0x589965CC75374CC3)
+_LABEL = b"tianping/resolution-sample/v1"
+_STAGE1_LOG2 = 6
+
+
+def _fmix(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _MASK
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _MASK
+    return h ^ (h >> 33)
+
+
+def _h64(data: bytes) -> int:
+    acc = 0
+    for j, i in enumerate(range(0, len(data), 8)):
+        x = (int.from_bytes(data[i : i + 8].ljust(8, b"\0"), "little") * ((_M[j % 8] + 2 * (j // 8)) & _MASK)) & _MASK
+        acc += ((x ^ (x >> 31)) * _K_WORD) & _MASK
+    return _fmix(_SEED ^ ((len(data) * _K_LEN) & _MASK) ^ (acc & _MASK))
+
+
+class SampleLineInvalid(ValueError):
+    """A sampled line that is not a HANDLE.NET access-log line."""
+
+
+def _record(line: bytes) -> tuple[int, int]:
+    """(record hash, opCode) of a well-formed line."""
+    fields = line.split(b" ")
+    if len(fields) != 9:
+        raise SampleLineInvalid(f"expected 9 space-separated fields, got {len(fields)}")
+    ip, _, day, clock, op_b, resp_b, elapsed_b, _, handle_b = fields
+    try:
+        stamp = datetime.strptime((day + b" " + clock).decode("ascii"), '"%Y-%m-%d %H:%M:%S.%f%z"')
+        op, resp = int(op_b), int(resp_b)
+        digits = elapsed_b.removesuffix(b"ms")
+        elapsed = int.from_bytes(digits, "little") if len(digits) <= 8 else _h64(digits)
+        handle = unquote_to_bytes(handle_b).decode("utf-8").encode("utf-8")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SampleLineInvalid(f"expected a HANDLE.NET access-log line, got one that fails to parse ({exc})") from None
+    utc_ms = (stamp.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    codes = ((op & 0xFFFFFFFF) << 32) | (resp & 0xFFFFFFFF)
+    inner = _fmix((codes ^ _fmix(elapsed & _MASK)) & _MASK)
+    inner = _fmix((utc_ms & _MASK) ^ inner)
+    return _fmix(_h64(ip) ^ _fmix(_h64(handle) ^ inner)), op
+
+
+def sample_selected(salt: bytes, line: str | bytes, rate_log2: int) -> bool:
+    """Was this line due to be sampled under ``salt`` at one line in 2**rate_log2? (Both stages recomputed.)"""
+    raw = line.encode("utf-8") if isinstance(line, str) else line
+    rec, _ = _record(raw)
+    k1 = int.from_bytes(hmac.digest(salt, _LABEL, "sha256")[:8], "little")
+    if _fmix(rec ^ k1) >= 1 << (64 - _STAGE1_LOG2):
+        return False
+    bound = 1 << (64 - (rate_log2 - _STAGE1_LOG2))
+    return int.from_bytes(hmac.digest(salt, raw, "sha256")[:8], "big") < bound
+
+
+def refused_samples(salt: bytes, ev: DayEvidence) -> list[str]:
+    """The day's samples that were not due under ``salt`` (a node that picks its own samples shows up here)."""
+    refused = []
+    for lines, rate in ((ev.resolution_samples, ev.resolution_sample_log2),
+                        (ev.registration_samples, ev.registration_sample_log2)):
+        for line in lines:
+            try:
+                ok = rate > 0 and sample_selected(salt, line, rate)
+            except SampleLineInvalid:
+                ok = False
+            if not ok:
+                refused.append(line)
+    return refused
+
+
+# --- new identifiers ---------------------------------------------------------------------------------------
+
+
+def new_identifiers_root(handles: Iterable[str]) -> str:
+    """The root a report carries over its new identifiers (sorted, distinct, UTF-8 leaves, RFC 9162)."""
+    from protocol.merkle import root_from_leaf_hashes
+
+    return root_from_leaf_hashes([leaf_hash(h.encode("utf-8")) for h in sorted(set(handles))]).hex()
+
+
+def verify_new_identifier(handle: str, index: int, size: int, proof: Sequence[bytes], root_hex: str) -> None:
+    """An identifier an official drew is under the reported root (raises ``ProofInvalid`` otherwise)."""
+    verify_inclusion(leaf_hash(handle.encode("utf-8")), index, size, proof, bytes.fromhex(root_hex))
+
+
+def salt_digest(salt: bytes) -> str:
+    """A short public name for a salt (to say which salt a check used without revealing it)."""
+    return hashlib.sha256(b"tianping salt " + salt).hexdigest()[:16]
+
+
+__all__ = [
+    "DayEvidence",
+    "Flag",
+    "SampleLineInvalid",
+    "anomaly_flags",
+    "day_evidence",
+    "estimate",
+    "hourly_cv",
+    "merge_sketches",
+    "new_identifiers_root",
+    "refused_samples",
+    "salt_digest",
+    "sample_selected",
+    "timezone",
+    "verify_new_identifier",
+]
