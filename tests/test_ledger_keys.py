@@ -119,7 +119,7 @@ def test_rebinding_needs_the_admin_and_is_logged_in_the_ledger(tmp_path: Path) -
 def test_enrollment_tokens_are_256_bit_hashed_single_use_and_bound(tmp_path: Path) -> None:
     with running_verifier(tmp_path) as v:
         token = v.token(applicant="node-1")
-        assert len(base64.urlsafe_b64decode(token + "=")) == 32
+        assert token.startswith("tpe_") and len(base64.urlsafe_b64decode(token.removeprefix("tpe_") + "=")) == 32
         with v.engine.connect() as conn:
             stored = conn.execute(select(enrollment_tokens.c.token_sha256, enrollment_tokens.c.applicant_id)).all()
         assert token not in {row[0] for row in stored} and ("node-1" in {row[1] for row in stored})

@@ -265,7 +265,7 @@ def test_cli_administers_the_database(tmp_path: Path, capsys: pytest.CaptureFixt
     capsys.readouterr()
     assert main([*db, "token", "issue", "--applicant", "p9", "--enterprise", uscc(9), "--ttl-s", "60"]) == 0
     token = capsys.readouterr().out
-    assert token.endswith("\n") and len(token.strip()) == 43 and "\n" not in token.strip()
+    assert token.endswith("\n") and len(token.strip()) == 47 and token.startswith("tpe_") and "\n" not in token.strip()
     assert main([*db, "enterprise", "add", "--applicant", "p9", "--uscc", uscc(9)[:-1] + "X", "--name", "x"]) == 2
     assert "uscc_invalid" in capsys.readouterr().err
     assert main([*db, "check", "--year", "2025", "--lang", "en"]) == 0

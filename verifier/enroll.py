@@ -1,7 +1,8 @@
 """Applicants, their enterprises, enrollment tokens, and the enrollment (and revocation) of agents' keys.
 
-A token is 256 random bits (``secrets.token_urlsafe(32)``), shown once and stored only as its SHA-256; it works
-once, expires (24 h by default), and is bound to one applicant and optionally one of its enterprises. Enrolling
+A token is ``tpe_`` and 256 random bits (``secrets.token_urlsafe(32)``; the prefix says what it is and keeps a
+token from starting with '-', which a command line reads as an option), shown once and stored only as its SHA-256;
+it works once, expires (24 h by default), and is bound to one applicant and optionally one of its enterprises. Enrolling
 binds a new Ed25519 public key to a new agent id for that applicant and records a key event; a refused enrollment
 changes nothing. Every function takes the time it should use (``now``): no clock is read here.
 """
@@ -50,6 +51,8 @@ from verifier.errors import (
     TokenUsed,
 )
 from verifier.ledger import append_key_event, lock_ledger
+
+TOKEN_PREFIX = "tpe_"  # noqa: S105 - a public prefix naming Tianping enrollment tokens, not a secret
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ def issue_token(engine: Engine, *, applicant_id: str, enterprise: str | None = N
                 ttl: timedelta = DEFAULT_TOKEN_TTL) -> IssuedToken:
     if ttl <= timedelta(0) or ttl > timedelta(days=30):
         raise RequestInvalid(f"ttl: expected between 1 s and 30 days, got {ttl.total_seconds():.0f} s")
-    token = secrets.token_urlsafe(32)
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with engine.begin() as conn:
         get_applicant(conn, applicant_id)
         if enterprise is not None:
