@@ -363,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.backfill(cfgs)
         demo.live(cfgs)
         year = settings.history_end.year
+        first_day = settings.history_end - timedelta(days=settings.history_days - 1)
         plat = demo.eligibility(PLATFORM_ID, year)
         gt = demo.plant_state["ground_truth"]
         measured = {c["metric"]: c["value"] for c in plat["criteria"] if c.get("kind") == "measured"}
@@ -373,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         demo.say(
             f"· note: every {year} figure below comes from simulated history: real scans and real log lines, "
-            f"signed and ingested as usual, stamped as the last {settings.history_days} days of {year} at "
+            f"signed and ingested as usual, stamped as the days {first_day} … {settings.history_end} at "
             "compressed time (the verifier marks those reports late). The live rounds count toward "
             f"{date.today().year}. 说明：{year} 年数据均来自压缩时间的模拟历史。"
         )

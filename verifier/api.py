@@ -275,6 +275,14 @@ def create_app(settings: VerifierSettings) -> FastAPI:
         verdict = await run_in_threadpool(lambda: applicant_verdict(engine, policy, applicant_id, year, as_of=as_of))
         return verdict.to_json()
 
+    @app.get("/v1/applicants/{applicant_id}/resolution-days")
+    async def resolution_days_evidence(applicant_id: str,
+                                       year: Annotated[int, Query(ge=2000, le=2100)]) -> dict[str, Any]:
+        """Measure 2 evidence per agent and day: distinct identifiers and clients, gaps, anomaly flags (issue 4)."""
+        from verifier.node_days import node_days
+
+        return await run_in_threadpool(lambda: node_days(engine, applicant_id, year))
+
     # ---- admin ----------------------------------------------------------------------------------------------------
     @app.post("/v1/admin/applicants", status_code=201, dependencies=admin)
     async def admin_add_applicant(body: ApplicantRequest) -> JSONResponse:

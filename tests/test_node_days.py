@@ -1,0 +1,53 @@
+"""Measure 2 evidence day by day, through the whole path: a node's access log with a scripted loop → the agent's
+resolution connector → signed report → verifier → /v1/applicants/{id}/resolution-days flags it, count unchanged."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from agent.cli import main as agent_main
+from agent.config import load_config
+from agent.enroll import enroll
+from agent.runtime import Agent
+from simulator.resolution_node import ResolutionNode
+from tests.test_verifier_api import running_verifier
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+DAY = date(2026, 11, 18)
+
+
+async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_path: Path) -> None:
+    node = ResolutionNode(tmp_path / "node", seed=23)
+    start = datetime.combine(DAY, time(0), tzinfo=SHANGHAI)
+    node.write_day(DAY, 3000)
+    node.write_loop(40_000, start=start, spacing_s=86_400 / 40_000, clients=3, handles=20)
+    truth = node.ground_truth().days[DAY.isoformat()]
+    with running_verifier(tmp_path / "verifier") as v:
+        v.clock.now = start + timedelta(days=2)
+        token = v.client.post("/v1/admin/tokens", json={"applicant_id": "node-1"}, headers=v.admin).json()["token"]
+        cfg = tmp_path / "agent" / "agent.toml"
+        assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
+        cfg.write_text(
+            cfg.read_text(encoding="utf-8")
+            + f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n',
+            encoding="utf-8",
+        )
+        config = load_config(cfg)
+        enroll(key_path=config.key_path, enrollment_path=config.enrollment_path, verifier_url=v.base_url,
+               token=token, agent_name="node-agent")
+        async with Agent(config) as agent:
+            agent.period_start = start
+            await agent.collect_round(now=start + timedelta(hours=23))
+            agent.close_period(end=start + timedelta(days=1))
+            result = await agent.deliver()
+        assert result.remaining == 0
+        got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}).json()
+        verdict = v.client.get("/v1/applicants/node-1/eligibility", params={"year": 2026}).json()
+    (day,) = [d for d in got["days"] if d["day"] == DAY.isoformat()]
+    assert day["resolutions_ok"] == truth.resolutions_ok  # the loop is counted: flags never change a count
+    assert verdict["beside"]["successful_resolutions"] == truth.resolutions_ok
+    assert "flat_loop" in {f["code"] for f in day["flags"]}
+    assert got["days_flagged"].get("flat_loop") == 1
+    assert 0 < day["distinct_clients_estimate"] < 5000
