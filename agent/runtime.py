@@ -168,6 +168,7 @@ class Agent:
                 resolution=rollup.resolution_summary(has_source=self.has_resolution_source),
                 connectors=rollup.connector_statuses(),
                 evidence=rollup.evidence_samples(self.config.agent.evidence_sample_size),
+                outbox_depth=self.outbox.depth(),
             )
             return sign_envelope(report.to_bytes(), self._key), end
 

@@ -168,6 +168,8 @@ class ReportV1(_Frozen):
     resolution: ResolutionSummary | None = None
     connectors: tuple[ConnectorStatus, ...] = ()
     evidence: tuple[EvidenceSample, ...] = ()
+    # The agent's own health when it signed: reports waiting in its outbox (this one not counted).
+    outbox_depth: Annotated[int, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ReportV1:

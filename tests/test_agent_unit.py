@@ -285,3 +285,27 @@ def test_declared_mapping_with_one_member_is_refused() -> None:
             'members = [{ protocol = "modbus", source = "h:502", local_id = "1" }]\n',
             path=Path("agent.toml"),
         )
+
+
+async def test_each_report_carries_the_outbox_depth_it_was_signed_behind(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    assert agent_main(["init", "--config", str(cfg)]) == 0
+    config = load_config(cfg)
+    key = read_private_key(config.key_path)
+    from protocol.keys import key_id
+
+    enrollment = Enrollment(
+        agent_id="agent-1",
+        key_id=key_id(key.public_key()),
+        applicant_id="P1",
+        enterprise=None,
+        fingerprint_key=base64.b64encode(FP_KEY).decode(),
+        verifier_url="http://127.0.0.1:9",
+    )
+    async with Agent(config, enrollment=enrollment) as agent:
+        for minutes in (1, 2, 3):
+            await agent.collect_round(now=T0 + timedelta(minutes=minutes - 1))
+            agent.close_period(end=T0 + timedelta(minutes=minutes))
+        items = agent.outbox.pending()
+    keys = {key_id(key.public_key()): key.public_key()}
+    assert [parse_report(open_envelope(i.envelope, keys).payload).outbox_depth for i in items] == [0, 1, 2]
