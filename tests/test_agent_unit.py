@@ -9,9 +9,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.cli import main as agent_main
-from agent.config import load_config, parse_config
+from agent.config import AgentConfig, load_config, parse_config
 from agent.enroll import Enrollment
 from agent.errors import AgentConfigError
 from agent.outbox import Outbox
@@ -19,7 +20,7 @@ from agent.rollup import PeriodRollup, merge_observations, summarize, tier_count
 from agent.runtime import Agent
 from connectors.base import DeviceIdentity, DeviceObservation, DeviceStatus
 from protocol.envelope import envelope_hash, open_envelope
-from protocol.keys import read_private_key
+from protocol.keys import key_id, read_private_key
 from protocol.report import GENESIS_HASH, parse_report
 
 T0 = datetime(2026, 11, 26, 2, 0, tzinfo=UTC)
@@ -161,21 +162,25 @@ def test_init_makes_a_private_key_readable_by_owner_only(tmp_path: Path) -> None
     assert config.key_path.read_bytes() == before
 
 
-async def test_periods_never_cross_midnight_in_shanghai(tmp_path: Path) -> None:
+def enrolled_locally(tmp_path: Path) -> tuple[AgentConfig, Enrollment, dict[str, Ed25519PublicKey]]:
+    """An initialised agent with an enrollment record written by hand (no verifier needed)."""
     cfg = tmp_path / "agent.toml"
     assert agent_main(["init", "--config", str(cfg)]) == 0
     config = load_config(cfg)
-    key = read_private_key(config.key_path)
-    from protocol.keys import key_id
-
+    public = read_private_key(config.key_path).public_key()
     enrollment = Enrollment(
         agent_id="agent-1",
-        key_id=key_id(key.public_key()),
+        key_id=key_id(public),
         applicant_id="P1",
         enterprise=None,
         fingerprint_key=base64.b64encode(FP_KEY).decode(),
         verifier_url="http://127.0.0.1:9",
     )
+    return config, enrollment, {key_id(public): public}
+
+
+async def test_periods_never_cross_midnight_in_shanghai(tmp_path: Path) -> None:
+    config, enrollment, keys = enrolled_locally(tmp_path)
     tz = ZoneInfo("Asia/Shanghai")
     start = datetime(2026, 11, 26, 23, 50, tzinfo=tz)
     async with Agent(config, enrollment=enrollment) as agent:
@@ -183,7 +188,6 @@ async def test_periods_never_cross_midnight_in_shanghai(tmp_path: Path) -> None:
         await agent.collect_round(now=start + timedelta(minutes=20))  # 00:10 the next day
         agent.close_period(end=start + timedelta(minutes=25))
         items = agent.outbox.pending()
-    keys = {key_id(key.public_key()): key.public_key()}
     reports = [parse_report(open_envelope(i.envelope, keys).payload) for i in items]
     assert [(r.period.start.astimezone(tz), r.period.end.astimezone(tz)) for r in reports] == [
         (start, datetime(2026, 11, 27, 0, 0, tzinfo=tz)),
@@ -288,24 +292,10 @@ def test_declared_mapping_with_one_member_is_refused() -> None:
 
 
 async def test_each_report_carries_the_outbox_depth_it_was_signed_behind(tmp_path: Path) -> None:
-    cfg = tmp_path / "agent.toml"
-    assert agent_main(["init", "--config", str(cfg)]) == 0
-    config = load_config(cfg)
-    key = read_private_key(config.key_path)
-    from protocol.keys import key_id
-
-    enrollment = Enrollment(
-        agent_id="agent-1",
-        key_id=key_id(key.public_key()),
-        applicant_id="P1",
-        enterprise=None,
-        fingerprint_key=base64.b64encode(FP_KEY).decode(),
-        verifier_url="http://127.0.0.1:9",
-    )
+    config, enrollment, keys = enrolled_locally(tmp_path)
     async with Agent(config, enrollment=enrollment) as agent:
         for minutes in (1, 2, 3):
             await agent.collect_round(now=T0 + timedelta(minutes=minutes - 1))
             agent.close_period(end=T0 + timedelta(minutes=minutes))
         items = agent.outbox.pending()
-    keys = {key_id(key.public_key()): key.public_key()}
     assert [parse_report(open_envelope(i.envelope, keys).payload).outbox_depth for i in items] == [0, 1, 2]
