@@ -8,7 +8,7 @@ what was expected and what arrived; it never returns False.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from protocol.errors import ProtocolError
 
@@ -161,3 +161,8 @@ def verify_consistency(size1: int, size2: int, proof: Sequence[bytes], root1: by
         raise ProofInvalid(f"consistency proof: old root mismatch (got {fr.hex()}, expected {root1.hex()})")
     if sr != root2:
         raise ProofInvalid(f"consistency proof: new root mismatch (got {sr.hex()}, expected {root2.hex()})")
+
+
+def identifiers_root(identifiers: Iterable[str]) -> bytes:
+    """The root a report carries over a period's new identifiers: distinct, sorted, UTF-8 leaves."""
+    return root_from_leaf_hashes([leaf_hash(i.encode("utf-8")) for i in sorted(set(identifiers))])

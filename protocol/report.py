@@ -110,7 +110,7 @@ class ResolutionDay(_Frozen):
 
     Sketches are Apache DataSketches HLL (lg_k 12) images, base64, over the stable 64-bit hashes of
     identifiers (successful resolutions) and clients; the verifier merges them across periods. Samples are the
-    lines selected under the verifier-issued salt (connectors/resolution/hashing.py; recomputable)."""
+    lines selected under the verifier-issued salt (protocol/sampling.py; recomputable)."""
 
     day: date
     distinct_identifiers: Annotated[int, Field(ge=0)] = 0

@@ -12,9 +12,9 @@ import pytest
 from agent.rollup import PeriodRollup
 from connectors.base import ResolutionBatch
 from connectors.resolution.handle_log import HandleLogCounter, LineAssembler, count_files
-from connectors.resolution.hashing import record_hash, sample_key, stage1, stage2
 from protocol.merkle import ProofInvalid, inclusion_proof, leaf_hash
 from protocol.report import GENESIS_HASH, Period, ReportV1, ResolutionSummary, parse_report
+from protocol.sampling import record_hash, sample_key, stage1, stage2
 from simulator.resolution_node import SHANGHAI, ResolutionNode
 from verifier.node_evidence import (
     DayEvidence,

@@ -12,7 +12,7 @@ officials beside the verdict; they never change a count.
   record again), ``bulk_unresolved`` (many new identifiers, almost none resolved), ``samples_inconsistent`` (fewer
   or more salted samples than the count implies).
 - :func:`sample_selected` recomputes, from a sampled line and the salt the verifier issued, whether the line was
-  due to be sampled (the same two stages as ``connectors/resolution/hashing.py``; tests check they agree).
+  due to be sampled (the two stages of ``protocol/sampling.py``, the same the agent applies).
 - :func:`verify_new_identifier` checks an identifier an official drew against the period's Merkle root.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ from urllib.parse import unquote_to_bytes
 
 from datasketches import hll_sketch, hll_union, tgt_hll_type
 
-from protocol.merkle import leaf_hash, verify_inclusion
+from protocol.merkle import identifiers_root, leaf_hash, verify_inclusion
 from protocol.report import ReportV1
+from protocol.sampling import elapsed_key, record_hash, sampled
 
 LG_K = 12
 OP_RESOLUTION, OP_CREATE, RC_SUCCESS = 1, 100, 1
@@ -215,30 +215,6 @@ def anomaly_flags(ev: DayEvidence) -> list[Flag]:
 
 # --- samples -----------------------------------------------------------------------------------------------
 
-_MASK = (1 << 64) - 1
-_SEED, _K_LEN, _K_WORD = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x87C37B91114253D5
-_M = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93,
-      0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3, 0x589965CC75374CC3)
-_LABEL = b"tianping/resolution-sample/v1"
-_STAGE1_LOG2 = 6
-
-
-def _fmix(h: int) -> int:
-    h ^= h >> 33
-    h = (h * 0xFF51AFD7ED558CCD) & _MASK
-    h ^= h >> 33
-    h = (h * 0xC4CEB9FE1A85EC53) & _MASK
-    return h ^ (h >> 33)
-
-
-def _h64(data: bytes) -> int:
-    acc = 0
-    for j, i in enumerate(range(0, len(data), 8)):
-        x = (int.from_bytes(data[i : i + 8].ljust(8, b"\0"), "little") * ((_M[j % 8] + 2 * (j // 8)) & _MASK)) & _MASK
-        acc += ((x ^ (x >> 31)) * _K_WORD) & _MASK
-    return _fmix(_SEED ^ ((len(data) * _K_LEN) & _MASK) ^ (acc & _MASK))
-
-
 class SampleLineInvalid(ValueError):
     """A sampled line that is not a HANDLE.NET access-log line."""
 
@@ -253,26 +229,19 @@ def _record(line: bytes) -> tuple[int, int]:
         stamp = datetime.strptime((day + b" " + clock).decode("ascii"), '"%Y-%m-%d %H:%M:%S.%f%z"')
         op, resp = int(op_b), int(resp_b)
         digits = elapsed_b.removesuffix(b"ms")
-        elapsed = int.from_bytes(digits, "little") if len(digits) <= 8 else _h64(digits)
+        elapsed = elapsed_key(digits)
         handle = unquote_to_bytes(handle_b).decode("utf-8").encode("utf-8")
     except (ValueError, UnicodeDecodeError) as exc:
         raise SampleLineInvalid(f"expected a HANDLE.NET access-log line, got one that fails to parse ({exc})") from None
     utc_ms = (stamp.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
-    codes = ((op & 0xFFFFFFFF) << 32) | (resp & 0xFFFFFFFF)
-    inner = _fmix((codes ^ _fmix(elapsed & _MASK)) & _MASK)
-    inner = _fmix((utc_ms & _MASK) ^ inner)
-    return _fmix(_h64(ip) ^ _fmix(_h64(handle) ^ inner)), op
+    return record_hash(ip, handle, utc_ms, op, resp, elapsed), op
 
 
 def sample_selected(salt: bytes, line: str | bytes, rate_log2: int) -> bool:
     """Was this line due to be sampled under ``salt`` at one line in 2**rate_log2? (Both stages recomputed.)"""
     raw = line.encode("utf-8") if isinstance(line, str) else line
     rec, _ = _record(raw)
-    k1 = int.from_bytes(hmac.digest(salt, _LABEL, "sha256")[:8], "little")
-    if _fmix(rec ^ k1) >= 1 << (64 - _STAGE1_LOG2):
-        return False
-    bound = 1 << (64 - (rate_log2 - _STAGE1_LOG2))
-    return int.from_bytes(hmac.digest(salt, raw, "sha256")[:8], "big") < bound
+    return sampled(salt, rec, raw, rate_log2)
 
 
 def refused_samples(salt: bytes, ev: DayEvidence) -> list[str]:
@@ -295,9 +264,7 @@ def refused_samples(salt: bytes, ev: DayEvidence) -> list[str]:
 
 def new_identifiers_root(handles: Iterable[str]) -> str:
     """The root a report carries over its new identifiers (sorted, distinct, UTF-8 leaves, RFC 9162)."""
-    from protocol.merkle import root_from_leaf_hashes
-
-    return root_from_leaf_hashes([leaf_hash(h.encode("utf-8")) for h in sorted(set(handles))]).hex()
+    return identifiers_root(handles).hex()
 
 
 def verify_new_identifier(handle: str, index: int, size: int, proof: Sequence[bytes], root_hex: str) -> None:

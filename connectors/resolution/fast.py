@@ -17,7 +17,8 @@ from urllib.parse import unquote_to_bytes
 
 import numpy as np
 
-from connectors.resolution.hashing import _BYTE_MASKS, h64, vh64_words
+from connectors.resolution.hashing import _BYTE_MASKS, vh64_words
+from protocol.sampling import h64
 
 IP_WIDTH = 40  # bytes; longer client fields go to the reference parser
 HANDLE_WIDTH = 64

@@ -60,19 +60,13 @@ from connectors.base import (
 )
 from connectors.resolution.fast import FastLines, parse_chunk
 from connectors.resolution.hashing import (
-    STAGE1_RATE_LOG2,
-    elapsed_key,
-    h64,
-    record_hash,
-    sample_key,
-    stage1,
-    stage2,
     vh64_words,
     vrecord_hash,
     vstage1,
 )
 from connectors.resolution.shape import TOP_KEEP, DayShape, merge_shapes
-from protocol.merkle import leaf_hash, root_from_leaf_hashes
+from protocol.merkle import identifiers_root
+from protocol.sampling import STAGE1_RATE_LOG2, elapsed_key, h64, record_hash, sample_key, stage1, stage2
 
 log = logging.getLogger(__name__)
 
@@ -797,7 +791,7 @@ def day_shapes(
 
 def new_identifiers_root(handles: Iterable[str]) -> bytes:
     """RFC 9162 Merkle root over a day's new identifiers: leaves are the UTF-8 handles, sorted and distinct."""
-    return root_from_leaf_hashes([leaf_hash(h.encode("utf-8")) for h in sorted(set(handles))])
+    return identifiers_root(handles)
 
 
 _Params = tuple[str, int, int, bytes | None, str]
