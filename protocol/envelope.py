@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ from protocol.keys import key_id
 REPORT_PAYLOAD_TYPE = "application/vnd.tianping.report.v1+json"
 MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
 _ENVELOPE_KEYS = {"payload", "payloadType", "signatures"}
+# Strings RFC 8785 writes as they are: printable ASCII without '"' and '\\' (no escape, no Unicode to normalize).
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -45,6 +48,16 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 def envelope_hash(envelope: bytes) -> str:
     """Lowercase hex SHA-256 of the canonical envelope bytes: what ``prev_hash`` chains to."""
     return hashlib.sha256(envelope).hexdigest()
+
+
+def _canonical_envelope(payload: str, payload_type: str, kid: str, sig: str) -> bytes:
+    """RFC 8785 bytes of an envelope: written directly when every string is plain (the usual case: base64, hex and
+    a media type), else by the general canonicalizer. Both give the same bytes (tests/test_protocol.py checks)."""
+    if all(_PLAIN.fullmatch(s) for s in (payload, payload_type, kid, sig)):
+        return (f'{{"payload":"{payload}","payloadType":"{payload_type}",'
+                f'"signatures":[{{"keyid":"{kid}","sig":"{sig}"}}]}}').encode("ascii")
+    return canonical_json({"payload": payload, "payloadType": payload_type,
+                           "signatures": [{"keyid": kid, "sig": sig}]})
 
 
 def sign_envelope(payload: bytes, key: Ed25519PrivateKey, *, payload_type: str = REPORT_PAYLOAD_TYPE) -> bytes:
@@ -119,6 +132,6 @@ def open_envelope(
     except InvalidSignature:
         raise SignatureInvalid(f"signature by key {kid[:16]}…: expected a valid Ed25519 signature over the payload, "
                                "got one that does not verify") from None
-    if canonical_json(obj) != envelope:
+    if _canonical_envelope(obj["payload"], payload_type, kid, sigs[0]["sig"]) != envelope:
         raise EnvelopeNotCanonical("envelope: expected RFC 8785 canonical JSON bytes, got another encoding")
     return OpenedEnvelope(payload=payload, payload_type=payload_type, key_id=kid, envelope_hash=envelope_hash(envelope))

@@ -41,6 +41,7 @@ from verifier.errors import (
     AdminDisabled,
     AdminUnauthorized,
     AgentUnknown,
+    BatchInvalid,
     ContentTypeUnsupported,
     NotInitialized,
     VerifierError,
@@ -48,9 +49,10 @@ from verifier.errors import (
     error_text,
 )
 from verifier.facts import applicant_verdict, shanghai_day
-from verifier.ingest import GroupCommitWriter
+from verifier.ingest import GroupCommitWriter, IngestResult
 from verifier.ledger import ledger_head
 from verifier.ledger_routes import agent_key_router, ledger_router
+from verifier.pool import VerifyPool
 from verifier.ratelimit import AgentRateLimiter
 from verifier.rules import DEFAULT_RULES_PATH, load_policy
 
@@ -84,10 +86,19 @@ class VerifierSettings:
     checkpoint_every_entries: int = 1000
     agent_rate_per_s: float = 50.0
     agent_burst: int = 200
+    max_batch_reports: int = 1000  # envelopes in one POST /v1/reports/batch
+    max_batch_bytes: int = 16 * 1024 * 1024
+    # processes that check signatures of large ingest batches (None: one per CPU when there are several)
+    verify_workers: int | None = None
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_report_bytes <= 64 * 1024 * 1024:
             raise ValueError(f"max_report_bytes: expected 1 KiB to 64 MiB, got {self.max_report_bytes}")
+        if not 1 <= self.max_batch_reports <= 10_000:
+            raise ValueError(f"max_batch_reports: expected 1 to 10000, got {self.max_batch_reports}")
+        if not self.max_report_bytes <= self.max_batch_bytes <= 256 * 1024 * 1024:
+            raise ValueError(f"max_batch_bytes: expected {self.max_report_bytes} (max_report_bytes) to 256 MiB, "
+                             f"got {self.max_batch_bytes}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError(f"admin_token: expected at least 16 characters, got {len(self.admin_token)}")
 
@@ -135,17 +146,17 @@ def _plain_error(code: str, message: str, status: int | None = None) -> JSONResp
         "error": {"code": code, "message": f"{text.en}: {message}", "message_zh": f"{text.zh}：{message}"}})
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, what: str = "envelope") -> bytes:
     """The request body, refused (TooLarge) as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"envelope: expected at most {limit} bytes, got a declared length of {declared}")
+        raise TooLarge(f"{what}: expected at most {limit} bytes, got a declared length of {declared}")
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise TooLarge(f"envelope: expected at most {limit} bytes, got more")
+            raise TooLarge(f"{what}: expected at most {limit} bytes, got more")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -212,9 +223,13 @@ def create_app(settings: VerifierSettings) -> FastAPI:
     limiter = AgentRateLimiter(rate_per_s=settings.agent_rate_per_s, burst=settings.agent_burst)
     app.include_router(ledger_router(engine, clock=settings.clock, write_lock=write_lock, schedule=schedule,
                                      admin=admin))
+    workers = settings.verify_workers
+    if workers is None:
+        workers = cpus if (cpus := os.cpu_count() or 1) > 1 else 0
     writer = GroupCommitWriter(engine, lock=write_lock, clock=settings.clock,
                                after_commit=lambda: schedule.maybe_sign(engine, now=settings.clock()),
-                               max_bytes=settings.max_report_bytes, future_skew=future_skew, late_after=late_after)
+                               max_bytes=settings.max_report_bytes, future_skew=future_skew, late_after=late_after,
+                               pool=VerifyPool(workers))
     app.state.writer = writer
     app.include_router(agent_key_router(engine, clock=settings.clock, write_lock=write_lock, admin=admin))
     # issue 6: officials' gates and figures, on-demand and signed annual evaluations, reports
@@ -253,6 +268,52 @@ def create_app(settings: VerifierSettings) -> FastAPI:
         result = await writer.submit(envelope)  # issue 5: group commit, answered after the commit
         return JSONResponse(status_code=201 if result.created else 200,
                             content={"receipt": result.receipt.to_json()})
+
+    @app.post("/v1/reports/batch", openapi_extra={
+        "requestBody": {"required": True, "content": {"application/x-ndjson": {"schema": {
+            "type": "string", "description": "DSSE envelopes (RFC 8785 canonical bytes), one per line, in the order "
+                                             "they are to be ingested"}}}}})
+    async def post_reports(request: Request) -> JSONResponse:
+        """Several envelopes in one request (an agent draining its outbox): each is verified and stored as if posted
+        alone, in order, and answered once committed — one result per line, each with the status and body
+        ``POST /v1/reports`` would have answered."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/x-ndjson":
+            raise ContentTypeUnsupported(f"Content-Type: expected application/x-ndjson, got {content_type[:60]!r}")
+        body = await _read_body(request, settings.max_batch_bytes, "batch")
+        lines = body.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()  # the last line's newline
+        if not 1 <= len(lines) <= settings.max_batch_reports:
+            raise BatchInvalid(f"batch: expected 1 to {settings.max_batch_reports} envelopes, one per line, "
+                               f"got {len(lines)}")
+        answers: list[dict[str, Any] | None] = [None] * len(lines)
+        todo: list[int] = []
+        now = time.monotonic()
+        for i, line in enumerate(lines):
+            if len(line) > settings.max_report_bytes:
+                status, err = error_body(TooLarge(f"envelope: expected at most {settings.max_report_bytes} bytes, "
+                                                  f"got {len(line)}"))
+                answers[i] = {"status": status, **err}
+            elif (refused := limiter.refusal(line, now=now)) is not None:
+                answers[i] = {"status": 429, **refused}
+            else:
+                todo.append(i)
+        outcomes = await writer.submit_many([lines[i] for i in todo]) if todo else []
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, IngestResult):
+                answers[i] = {"status": 201 if outcome.created else 200, "receipt": outcome.receipt.to_json()}
+            else:
+                status, err = error_body(outcome)
+                answers[i] = {"status": status, **err}
+        # 200 when any report was stored (each line says what happened to it); when none was, the first refusal's
+        # status, so that a batch of nothing but invalid reports is not answered with a success
+        status = 200 if any(a is not None and a["status"] < 300 for a in answers) else answers[0]["status"]  # type: ignore[index]
+        headers = {}
+        if status == 429:
+            headers["Retry-After"] = str(max(a["error"]["retry_after_s"] for a in answers  # type: ignore[index]
+                                             if a is not None and a["status"] == 429))
+        return JSONResponse(status_code=status, content={"results": answers}, headers=headers)
 
     @app.get("/v1/agents/{agent_id}")
     async def get_agent(agent_id: str) -> dict[str, Any]:

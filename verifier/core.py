@@ -117,6 +117,71 @@ class _PublicKeys(Mapping[str, Ed25519PublicKey]):
         return len(self._keys)
 
 
+@dataclass(frozen=True, slots=True)
+class ReportHead:
+    """What the stateful rules and the ledger need of an authentic report (compact: a worker process that verified
+    the signature hands it back cheaply)."""
+
+    agent_id: str
+    key_id: str
+    seq: int
+    prev_hash: str
+    period_start: datetime
+    period_end: datetime
+
+    @classmethod
+    def of(cls, report: ReportV1) -> ReportHead:
+        return cls(agent_id=report.agent_id, key_id=report.key_id, seq=report.seq, prev_hash=report.prev_hash,
+                   period_start=report.period.start, period_end=report.period.end)
+
+
+def open_report(envelope: bytes, keys: Mapping[str, Ed25519PublicKey], *,
+                max_bytes: int = MAX_ENVELOPE_BYTES) -> tuple[OpenedEnvelope, ReportV1]:
+    """Rules 1-3, which need no state but the public keys: size, signature before parsing, schema."""
+    opened = open_envelope(envelope, keys, max_bytes=max_bytes)
+    return opened, parse_report(opened.payload)
+
+
+def check_report(head: ReportHead, *, signing_key: str, envelope_hash: str, trusted: TrustedKey,
+                 chains: Mapping[str, ChainState], now: datetime, future_skew: timedelta = DEFAULT_FUTURE_SKEW,
+                 ) -> Duplicate | None:
+    """Rules 4-7 for an authentic report signed by ``trusted``: a Duplicate for a harmless replay, None when the
+    report is the agent's next one, else the typed error of the first rule broken."""
+    if head.key_id != signing_key:
+        raise KeyAgentMismatch(f"key_id: expected the signing key {signing_key[:16]}…, got {head.key_id[:16]}…")
+    if head.agent_id != trusted.agent_id:
+        raise KeyAgentMismatch(f"agent_id: key {signing_key[:16]}… is enrolled for agent {trusted.agent_id!r}, "
+                               f"got a report for {head.agent_id[:64]!r}")
+    if trusted.revoked:
+        raise AgentRevoked(f"agent {trusted.agent_id!r}: expected an active agent, got a revoked one")
+    chain = chains.get(trusted.agent_id) or ChainState(agent_id=trusted.agent_id)
+
+    if head.seq < chain.next_seq:
+        stored = chain.accepted_hashes.get(head.seq)
+        if stored == envelope_hash:
+            return Duplicate(agent_id=trusted.agent_id, seq=head.seq, envelope_hash=envelope_hash)
+        raise SeqConflict(
+            f"seq {head.seq}: expected the envelope already accepted ({(stored or '?')[:16]}…), got a different one "
+            f"({envelope_hash[:16]}…); the next expected seq is {chain.next_seq}",
+            agent_id=trusted.agent_id,
+            seq=head.seq,
+            envelope_hash=envelope_hash,
+            accepted_envelope_hash=stored or "",
+            expected_seq=chain.next_seq,
+        )
+    if head.seq > chain.next_seq:
+        raise SeqGap(f"seq: expected {chain.next_seq}, got {head.seq}", expected_seq=chain.next_seq)
+    if head.prev_hash != chain.last_hash:
+        raise ChainBroken(f"prev_hash: expected {chain.last_hash}, got {head.prev_hash}")
+    if head.period_end > now + future_skew:
+        raise PeriodInFuture(f"period.end: expected no later than {(now + future_skew).isoformat()}, "
+                             f"got {head.period_end.isoformat()}")
+    if chain.last_period_end is not None and head.period_start < chain.last_period_end:
+        raise PeriodOverlap(f"period.start: expected no earlier than the previous period's end "
+                            f"{chain.last_period_end.isoformat()}, got {head.period_start.isoformat()}")
+    return None
+
+
 def verify_report(
     envelope: bytes,
     *,
@@ -130,44 +195,12 @@ def verify_report(
     """Verify one report envelope against the trusted keys and the agents' chain states (see the module doc)."""
     if now.tzinfo is None:
         raise ValueError("now: expected an aware datetime, got a naive one")
-    opened: OpenedEnvelope = open_envelope(envelope, _PublicKeys(keys), max_bytes=max_bytes)
-    report = parse_report(opened.payload)
+    opened, report = open_report(envelope, _PublicKeys(keys), max_bytes=max_bytes)
     trusted = keys[opened.key_id]
-    if report.key_id != opened.key_id:
-        raise KeyAgentMismatch(f"key_id: expected the signing key {opened.key_id[:16]}…, got {report.key_id[:16]}…")
-    if report.agent_id != trusted.agent_id:
-        raise KeyAgentMismatch(f"agent_id: key {opened.key_id[:16]}… is enrolled for agent {trusted.agent_id!r}, "
-                               f"got a report for {report.agent_id[:64]!r}")
-    if trusted.revoked:
-        raise AgentRevoked(f"agent {trusted.agent_id!r}: expected an active agent, got a revoked one")
-    chain = chains.get(trusted.agent_id) or ChainState(agent_id=trusted.agent_id)
-
-    if report.seq < chain.next_seq:
-        stored = chain.accepted_hashes.get(report.seq)
-        if stored == opened.envelope_hash:
-            return Duplicate(agent_id=trusted.agent_id, seq=report.seq, envelope_hash=opened.envelope_hash)
-        raise SeqConflict(
-            f"seq {report.seq}: expected the envelope already accepted ({(stored or '?')[:16]}…), got a different one "
-            f"({opened.envelope_hash[:16]}…); the next expected seq is {chain.next_seq}",
-            agent_id=trusted.agent_id,
-            seq=report.seq,
-            envelope_hash=opened.envelope_hash,
-            accepted_envelope_hash=stored or "",
-            expected_seq=chain.next_seq,
-        )
-    if report.seq > chain.next_seq:
-        raise SeqGap(f"seq: expected {chain.next_seq}, got {report.seq}", expected_seq=chain.next_seq)
-    if report.prev_hash != chain.last_hash:
-        raise ChainBroken(f"prev_hash: expected {chain.last_hash}, got {report.prev_hash}")
-
-    period = report.period
-    if period.end > now + future_skew:
-        raise PeriodInFuture(f"period.end: expected no later than {(now + future_skew).isoformat()}, "
-                             f"got {period.end.isoformat()}")
-    if chain.last_period_end is not None and period.start < chain.last_period_end:
-        raise PeriodOverlap(f"period.start: expected no earlier than the previous period's end "
-                            f"{chain.last_period_end.isoformat()}, got {period.start.isoformat()}")
-    late = period.end < now - late_after
+    duplicate = check_report(ReportHead.of(report), signing_key=opened.key_id, envelope_hash=opened.envelope_hash,
+                             trusted=trusted, chains=chains, now=now, future_skew=future_skew)
+    if duplicate is not None:
+        return duplicate
     return VerifiedReport(
         report=report,
         envelope=envelope,
@@ -176,5 +209,5 @@ def verify_report(
         agent_id=trusted.agent_id,
         applicant_id=trusted.applicant_id,
         key_id=opened.key_id,
-        late=late,
+        late=report.period.end < now - late_after,
     )

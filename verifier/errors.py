@@ -84,6 +84,10 @@ class ContentTypeUnsupported(VerifierError):
     code = "content_type_unsupported"
 
 
+class BatchInvalid(VerifierError):
+    code = "batch_invalid"
+
+
 # --- administration and lookups ------------------------------------------------------------------------------------
 class AdminDisabled(VerifierError):
     code = "admin_disabled"
@@ -173,8 +177,8 @@ ERRORS: dict[str, ErrorText] = {
     "checkpoint_inconsistent": ErrorText(500, "拒绝签署与已签检查点不一致的检查点：账本可能被回滚或改写",
                                          "Refused to sign a checkpoint inconsistent with one signed before: the ledger "
                                          "may have been rolled back or rewritten"),
-    "content_type_unsupported": ErrorText(415, "请求内容类型应为 application/json",
-                                          "The request content type must be application/json"),
+    "content_type_unsupported": ErrorText(415, "请求内容类型不受支持", "The request content type is not supported"),
+    "batch_invalid": ErrorText(422, "批量报告请求无效", "The batch of reports is invalid"),
     # administration and lookups
     "admin_disabled": ErrorText(403, "管理接口未启用：请设置环境变量 TIANPING_ADMIN_TOKEN",
                                 "The admin endpoints are disabled: set the environment variable TIANPING_ADMIN_TOKEN"),

@@ -8,6 +8,7 @@ status seen, the union of protocols and the first known enterprise; resolution-d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -141,40 +142,110 @@ def _chunks(rows: Sequence[dict[str, Any]], size: int = 2000) -> Iterable[Sequen
         yield rows[i:i + size]
 
 
+CompactFacts = tuple[tuple[tuple[int, str, str | None, int, int], ...], tuple[tuple[int, int, int, int, int], ...],
+                     tuple[tuple[str, str, int], ...]]
+
+
+def compact_facts(facts: ReportFacts) -> CompactFacts:
+    """One report's facts as plain tuples, days as ordinals, no applicant: cheap to pickle between processes."""
+    return (tuple((f.day.toordinal(), f.fp, f.enterprise, f.protocols, f.status_rank) for f in facts.device_days),
+            tuple((r.day.toordinal(), r.resolutions_ok, r.resolutions_failed, r.creates_ok, r.deletes_ok)
+                  for r in facts.resolution_days),
+            tuple((a.fp, a.alias, a.first_day.toordinal()) for a in facts.aliases))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ordinal_day(ordinal: int) -> date:
+    return date.fromordinal(ordinal)
+
+
+class FactBatch:
+    """The facts of several reports, combined as their upserts would combine them one after the other (a device-day's
+    highest status, the union of its protocols, its first known enterprise; resolution counts summed; an alias's
+    first day), so that one multi-row upsert per table writes them: a multi-row upsert may not touch a row twice."""
+
+    def __init__(self) -> None:
+        self._devices: dict[tuple[str, date, str], list[Any]] = {}
+        self._resolution: dict[tuple[str, date], list[int]] = {}
+        self._aliases: dict[tuple[str, str, str], date] = {}
+
+    def add_compact(self, applicant_id: str, compact: CompactFacts) -> None:
+        """Add one report's facts in the compact form :func:`compact_facts` gives (what worker processes return)."""
+        devices, resolution, aliases = compact
+        day = _ordinal_day
+        self._add(((applicant_id, day(d), fp, e, p, r) for d, fp, e, p, r in devices),
+                  ((applicant_id, day(r[0]), r[1], r[2], r[3], r[4]) for r in resolution),
+                  ((applicant_id, fp, alias, day(d)) for fp, alias, d in aliases))
+
+    def add(self, facts: ReportFacts, applicant_id: str | None = None) -> None:
+        """Add one report's facts, for ``applicant_id`` when given (else the applicant the facts name)."""
+        self._add(((applicant_id or f.applicant_id, f.day, f.fp, f.enterprise, f.protocols, f.status_rank)
+                   for f in facts.device_days),
+                  ((applicant_id or r.applicant_id, r.day, r.resolutions_ok, r.resolutions_failed, r.creates_ok,
+                    r.deletes_ok) for r in facts.resolution_days),
+                  ((applicant_id or a.applicant_id, a.fp, a.alias, a.first_day) for a in facts.aliases))
+
+    def _add(self, devices: Iterable[tuple[str, date, str, str | None, int, int]],
+             resolution: Iterable[tuple[str, date, int, int, int, int]],
+             aliases: Iterable[tuple[str, str, str, date]]) -> None:
+        for applicant, day, fp, enterprise, protocols, rank in devices:
+            row = self._devices.get((applicant, day, fp))
+            if row is None:
+                self._devices[(applicant, day, fp)] = [enterprise, protocols, rank]
+            else:
+                row[0] = row[0] if row[0] is not None else enterprise
+                row[1] |= protocols
+                row[2] = max(row[2], rank)
+        for applicant, day, ok, failed, creates, deletes in resolution:
+            sums = self._resolution.setdefault((applicant, day), [0, 0, 0, 0])
+            sums[0] += ok
+            sums[1] += failed
+            sums[2] += creates
+            sums[3] += deletes
+        for applicant, fp, alias, day in aliases:
+            self._aliases.setdefault((applicant, fp, alias), day)
+
+    def write(self, conn: Connection) -> None:
+        """Upsert the combined facts (inside the caller's ingest transaction)."""
+        if self._devices:
+            stmt = _insert_for(conn, device_days)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[device_days.c.applicant_id, device_days.c.day, device_days.c.fp],
+                set_={
+                    "status_rank": case((stmt.excluded.status_rank > device_days.c.status_rank,
+                                         stmt.excluded.status_rank), else_=device_days.c.status_rank),
+                    "protocols": device_days.c.protocols.op("|")(stmt.excluded.protocols),
+                    "enterprise": func.coalesce(device_days.c.enterprise, stmt.excluded.enterprise),
+                },
+            )
+            rows = [{"applicant_id": a, "day": d, "fp": fp, "enterprise": e, "protocols": p, "status_rank": r}
+                    for (a, d, fp), (e, p, r) in self._devices.items()]
+            for chunk in _chunks(rows):
+                conn.execute(stmt, list(chunk))
+        if self._resolution:
+            stmt = _insert_for(conn, resolution_days)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[resolution_days.c.applicant_id, resolution_days.c.day],
+                set_={name: getattr(resolution_days.c, name) + getattr(stmt.excluded, name)
+                      for name in ("resolutions_ok", "resolutions_failed", "creates_ok", "deletes_ok")},
+            )
+            conn.execute(stmt, [{"applicant_id": a, "day": d, "resolutions_ok": ok, "resolutions_failed": failed,
+                                 "creates_ok": creates, "deletes_ok": deletes}
+                                for (a, d), (ok, failed, creates, deletes) in self._resolution.items()])
+        if self._aliases:
+            stmt = _insert_for(conn, device_aliases).on_conflict_do_nothing(
+                index_elements=[device_aliases.c.applicant_id, device_aliases.c.fp, device_aliases.c.alias])
+            rows = [{"applicant_id": a, "fp": fp, "alias": alias, "first_day": day}
+                    for (a, fp, alias), day in self._aliases.items()]
+            for chunk in _chunks(rows):
+                conn.execute(stmt, list(chunk))
+
+
 def write_facts(conn: Connection, facts: ReportFacts) -> None:
     """Upsert one report's facts (inside the caller's ingest transaction)."""
-    if facts.device_days:
-        stmt = _insert_for(conn, device_days)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[device_days.c.applicant_id, device_days.c.day, device_days.c.fp],
-            set_={
-                "status_rank": case((stmt.excluded.status_rank > device_days.c.status_rank,
-                                     stmt.excluded.status_rank), else_=device_days.c.status_rank),
-                "protocols": device_days.c.protocols.op("|")(stmt.excluded.protocols),
-                "enterprise": func.coalesce(device_days.c.enterprise, stmt.excluded.enterprise),
-            },
-        )
-        rows = [{"applicant_id": f.applicant_id, "day": f.day, "fp": f.fp, "enterprise": f.enterprise,
-                 "protocols": f.protocols, "status_rank": f.status_rank} for f in facts.device_days]
-        for chunk in _chunks(rows):
-            conn.execute(stmt, list(chunk))
-    if facts.resolution_days:
-        stmt = _insert_for(conn, resolution_days)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[resolution_days.c.applicant_id, resolution_days.c.day],
-            set_={name: getattr(resolution_days.c, name) + getattr(stmt.excluded, name)
-                  for name in ("resolutions_ok", "resolutions_failed", "creates_ok", "deletes_ok")},
-        )
-        conn.execute(stmt, [{"applicant_id": f.applicant_id, "day": f.day, "resolutions_ok": f.resolutions_ok,
-                             "resolutions_failed": f.resolutions_failed, "creates_ok": f.creates_ok,
-                             "deletes_ok": f.deletes_ok} for f in facts.resolution_days])
-    if facts.aliases:
-        stmt = _insert_for(conn, device_aliases).on_conflict_do_nothing(
-            index_elements=[device_aliases.c.applicant_id, device_aliases.c.fp, device_aliases.c.alias])
-        rows = [{"applicant_id": a.applicant_id, "fp": a.fp, "alias": a.alias, "first_day": a.first_day}
-                for a in facts.aliases]
-        for chunk in _chunks(rows):
-            conn.execute(stmt, list(chunk))
+    batch = FactBatch()
+    batch.add(facts)
+    batch.write(conn)
 
 
 def fp_ordered(conn: Connection, long_window: bool) -> tuple[Any, Any]:

@@ -10,37 +10,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
 from protocol.envelope import MAX_ENVELOPE_BYTES
-from protocol.errors import ProtocolError
+from protocol.errors import KeyUnknown, ProtocolError
 from verifier.core import (
     DEFAULT_FUTURE_SKEW,
     DEFAULT_LATE_AFTER,
     ChainState,
     Duplicate,
+    ReportHead,
     TrustedKey,
+    check_report,
     verify_report,
 )
-from verifier.db import agent_keys, agents
+from verifier.db import agent_keys, agents, entries
 from verifier.errors import ChainBroken, SeqConflict, VerifierError
-from verifier.facts import derive_facts, write_facts
+from verifier.facts import FactBatch, derive_facts, write_facts
 from verifier.ledger import (
     LEAF_REPORT,
+    Frontier,
     Receipt,
     StoredHashes,
     append_entry,
     append_leaf,
+    entry_row,
     lock_ledger,
     receipt_for,
     record_equivocation,
 )
+from verifier.pool import Opened, VerifyPool, open_envelopes
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +58,42 @@ class StoredKeys(Mapping[str, TrustedKey]):
     rotated key until the end of its overlap window — and, for agents enrolled before keys were tracked, the
     agents table."""
 
-    def __init__(self, conn: Connection, now: datetime | None = None) -> None:
+    def __init__(self, conn: Connection, now: datetime | None = None, *, prefetch: Iterable[str] = ()) -> None:
         self._conn = conn
         self._now = now
-        self._cache: dict[str, TrustedKey] = {}  # one report looks its key up twice
+        self._cache: dict[str, TrustedKey] = {}  # one report looks its key up twice; a batch, many times
+        wanted = sorted(set(prefetch))
+        if wanted:
+            self._prefetch(wanted)
+
+    def cached(self) -> list[TrustedKey]:
+        return list(self._cache.values())
 
     def __getitem__(self, kid: str) -> TrustedKey:
         cached = self._cache.get(kid)
         if cached is None:
             cached = self._cache[kid] = self._lookup(kid)
         return cached
+
+    def _prefetch(self, kids: list[str]) -> None:
+        """Read the keys a batch names in one query (what it misses, a lookup finds or refuses later)."""
+        rows = self._conn.execute(
+            select(agent_keys.c.key_id, agent_keys.c.public_key, agent_keys.c.valid_until, agents.c.agent_id,
+                   agents.c.applicant_id, agents.c.revoked_at)
+            .select_from(agent_keys.join(agents, agents.c.agent_id == agent_keys.c.agent_id))
+            .where(agent_keys.c.key_id.in_(kids)))
+        for row in rows:
+            if self._expired(row.valid_until) and row.revoked_at is None:
+                continue  # rotated away: the lookup refuses it
+            self._cache[row.key_id] = self._trusted(row.key_id, row)
+
+    def _expired(self, valid_until: datetime | None) -> bool:
+        return valid_until is not None and self._now is not None and valid_until <= self._now
+
+    @staticmethod
+    def _trusted(kid: str, row: Any) -> TrustedKey:
+        return TrustedKey(key_id=kid, public_key=Ed25519PublicKey.from_public_bytes(bytes(row.public_key)),
+                          agent_id=row.agent_id, applicant_id=row.applicant_id, revoked=row.revoked_at is not None)
 
     def _lookup(self, kid: str) -> TrustedKey:
         key_row = self._conn.execute(select(agent_keys.c.agent_id, agent_keys.c.public_key, agent_keys.c.valid_until)
@@ -68,8 +102,7 @@ class StoredKeys(Mapping[str, TrustedKey]):
             owner = self._conn.execute(select(agents.c.agent_id, agents.c.applicant_id, agents.c.revoked_at)
                                        .where(agents.c.agent_id == key_row.agent_id)).first()
             assert owner is not None  # foreign key
-            expired = key_row.valid_until is not None and self._now is not None and key_row.valid_until <= self._now
-            if expired and owner.revoked_at is None:
+            if self._expired(key_row.valid_until) and owner.revoked_at is None:
                 raise KeyError(kid)  # rotated away, overlap over: as unknown as a key never enrolled
             return TrustedKey(key_id=kid, public_key=Ed25519PublicKey.from_public_bytes(bytes(key_row.public_key)),
                               agent_id=owner.agent_id, applicant_id=owner.applicant_id,
@@ -78,8 +111,7 @@ class StoredKeys(Mapping[str, TrustedKey]):
                                         agents.c.revoked_at).where(agents.c.key_id == kid)).first()
         if row is None:
             raise KeyError(kid)
-        return TrustedKey(key_id=kid, public_key=Ed25519PublicKey.from_public_bytes(bytes(row.public_key)),
-                          agent_id=row.agent_id, applicant_id=row.applicant_id, revoked=row.revoked_at is not None)
+        return self._trusted(kid, row)
 
     def __iter__(self) -> Iterator[str]:
         return (str(r.key_id) for r in self._conn.execute(select(agents.c.key_id)))
@@ -113,6 +145,9 @@ class StoredChains(Mapping[str, ChainState]):
 class IngestResult:
     receipt: Receipt
     created: bool  # False for an exact replay answered with the original receipt
+
+
+Outcome = IngestResult | VerifierError | ProtocolError  # what each envelope of a batch gets
 
 
 def _ingest_in(conn: Connection, envelope: bytes, *, size: int, now: datetime, max_bytes: int,
@@ -161,10 +196,7 @@ def ingest_report(
                               late_after=late_after)
     except SeqConflict as exc:
         with engine.begin() as conn:
-            record_equivocation(conn, agent_id=exc.agent_id, seq=exc.seq, envelope=envelope,
-                                envelope_hash=exc.envelope_hash, accepted_envelope_hash=exc.accepted_envelope_hash,
-                                received_at=now)
-        log.warning("equivocation by agent %r at seq %d kept as evidence", exc.agent_id, exc.seq)
+            _keep_equivocation(conn, exc, envelope, now)
         raise
 
 
@@ -176,11 +208,63 @@ def ingest_batch(
     max_bytes: int = MAX_ENVELOPE_BYTES,
     future_skew: timedelta = DEFAULT_FUTURE_SKEW,
     late_after: timedelta = DEFAULT_LATE_AFTER,
-) -> list[IngestResult | VerifierError | ProtocolError]:
-    """Group commit: verify and store several envelopes in ONE transaction (one fsync), each in its own savepoint so
-    that a refused one changes nothing; return, in order, each one's result or refusal. Nothing is acknowledged
-    before the commit returns; if the commit fails, the caller answers every request with the failure."""
-    out: list[IngestResult | VerifierError | ProtocolError] = []
+    pool: VerifyPool | None = None,
+) -> list[Outcome]:
+    """Group commit: verify and store several envelopes in ONE transaction (one fsync); return, in order, each
+    one's result or refusal (the same as :func:`ingest_report` would give each, one after the other). Nothing is
+    acknowledged before the commit returns; if the commit fails, the caller answers every request with the failure.
+
+    Two stages: :func:`open_batch` checks what needs no state (signatures, canonical bytes, schema; in ``pool``'s
+    worker processes when given), then :func:`write_batch` applies the stateful rules and writes."""
+    opened = open_batch(engine, envelopes, max_bytes=max_bytes, pool=pool)
+    return write_batch(engine, envelopes, opened, now=now, max_bytes=max_bytes, future_skew=future_skew,
+                       late_after=late_after)
+
+
+_KEYID = re.compile(rb'"keyid"\s*:\s*"([^"\\]{1,128})"')
+
+
+def open_batch(engine: Engine, envelopes: Sequence[bytes], *, max_bytes: int = MAX_ENVELOPE_BYTES,
+               pool: VerifyPool | None = None) -> list[Opened | ProtocolError]:
+    """The stateless stage: the public keys the envelopes name (one query, whether or not still valid: the
+    write stage judges that), then rules 1-3 for each envelope."""
+    kids = sorted({m.group(1).decode("utf-8", "replace") for env in envelopes
+                   if (m := _KEYID.search(env, 0, max_bytes)) is not None})
+    raw: dict[str, bytes] = {}
+    if kids:
+        with engine.connect() as conn:
+            for table in (agents, agent_keys):  # agents: enrolled before keys were tracked
+                raw.update((r.key_id, bytes(r.public_key)) for r in conn.execute(
+                    select(table.c.key_id, table.c.public_key).where(table.c.key_id.in_(kids))))
+    return (pool or _INLINE).open(envelopes, raw, max_bytes)
+
+
+_INLINE = VerifyPool(0)
+
+
+def write_batch(engine: Engine, envelopes: Sequence[bytes], opened: Sequence[Opened | ProtocolError], *,
+                now: datetime, max_bytes: int = MAX_ENVELOPE_BYTES, future_skew: timedelta = DEFAULT_FUTURE_SKEW,
+                late_after: timedelta = DEFAULT_LATE_AFTER) -> list[Outcome]:
+    """The stateful stage, in one transaction: keys and chain states read once per batch, each accepted report
+    advancing its agent's chain for the next one in the same batch, then one multi-row statement per table
+    (:class:`_BatchWriter`). A refused report writes nothing (an equivocating one is kept as evidence). Should the
+    batched write fail, the transaction rolls back and the batch is ingested again one report at a time, each in its
+    own savepoint, so one bad row cannot sink the others."""
+    try:
+        with engine.begin() as conn:
+            return _BatchWriter(conn, now=now).write(envelopes, opened, max_bytes=max_bytes,
+                                                     future_skew=future_skew, late_after=late_after)
+    except (IntegrityError, ChainBroken):
+        log.warning("batched write of %d reports refused by the database; ingesting them one by one",
+                    len(envelopes), exc_info=True)
+    return _ingest_one_by_one(engine, envelopes, now=now, max_bytes=max_bytes, future_skew=future_skew,
+                              late_after=late_after)
+
+
+def _ingest_one_by_one(engine: Engine, envelopes: Sequence[bytes], *, now: datetime, max_bytes: int,
+                       future_skew: timedelta, late_after: timedelta
+                       ) -> list[Outcome]:
+    out: list[Outcome] = []
     with engine.begin() as conn:
         size = lock_ledger(conn)
         for envelope in envelopes:
@@ -191,10 +275,7 @@ def ingest_batch(
             except (VerifierError, ProtocolError) as exc:
                 savepoint.rollback()
                 if isinstance(exc, SeqConflict):
-                    record_equivocation(conn, agent_id=exc.agent_id, seq=exc.seq, envelope=envelope,
-                                        envelope_hash=exc.envelope_hash,
-                                        accepted_envelope_hash=exc.accepted_envelope_hash, received_at=now)
-                    log.warning("equivocation by agent %r at seq %d kept as evidence", exc.agent_id, exc.seq)
+                    _keep_equivocation(conn, exc, envelope, now)
                 out.append(exc)
                 continue
             savepoint.commit()
@@ -203,66 +284,263 @@ def ingest_batch(
     return out
 
 
+def _keep_equivocation(conn: Connection, exc: SeqConflict, envelope: bytes, now: datetime) -> None:
+    record_equivocation(conn, agent_id=exc.agent_id, seq=exc.seq, envelope=envelope, envelope_hash=exc.envelope_hash,
+                        accepted_envelope_hash=exc.accepted_envelope_hash, received_at=now)
+    log.warning("equivocation by agent %r at seq %d kept as evidence", exc.agent_id, exc.seq)
+
+
+class _BatchHashes(Mapping[int, str]):
+    """One agent's accepted envelope hashes: those accepted earlier in this batch, then the stored ones."""
+
+    def __init__(self, stored: Mapping[int, str]) -> None:
+        self.batch: dict[int, str] = {}
+        self._stored = stored
+
+    def __getitem__(self, seq: int) -> str:
+        found = self.batch.get(seq)
+        return found if found is not None else self._stored[seq]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted({*self._stored, *self.batch}))
+
+    def __len__(self) -> int:
+        return len(self._stored) + len(self.batch)
+
+
+class _BatchChains(Mapping[str, ChainState]):
+    """Chain states for one batch: read once per agent (all agents the batch names in one query), then advanced in
+    memory as the batch's reports are accepted."""
+
+    def __init__(self, conn: Connection, agent_ids: Iterable[str]) -> None:
+        self._conn = conn
+        self.states: dict[str, ChainState] = {}
+        self.start: dict[str, ChainState] = {}  # as stored, for the guarded update at the end
+        wanted = sorted(set(agent_ids))
+        if wanted:
+            self._load(wanted)
+
+    def _load(self, agent_ids: list[str]) -> None:
+        rows = self._conn.execute(select(agents.c.agent_id, agents.c.next_seq, agents.c.last_hash,
+                                         agents.c.last_period_end).where(agents.c.agent_id.in_(agent_ids)))
+        for row in rows:
+            state = ChainState(agent_id=row.agent_id, next_seq=int(row.next_seq), last_hash=row.last_hash,
+                               last_period_end=row.last_period_end,
+                               accepted_hashes=_BatchHashes(StoredHashes(self._conn, row.agent_id)))
+            self.states[row.agent_id] = self.start[row.agent_id] = state
+
+    def __getitem__(self, agent_id: str) -> ChainState:
+        if agent_id not in self.states:
+            self._load([agent_id])
+        return self.states[agent_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.states)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def accept(self, head: ReportHead, envelope_hash: str) -> None:
+        state = self.states[head.agent_id]
+        hashes = state.accepted_hashes
+        assert isinstance(hashes, _BatchHashes)
+        hashes.batch[head.seq] = envelope_hash
+        self.states[head.agent_id] = ChainState(agent_id=head.agent_id, next_seq=head.seq + 1,
+                                                last_hash=envelope_hash, last_period_end=head.period_end,
+                                                accepted_hashes=hashes)
+
+
+class _RawStoredKeys(Mapping[str, bytes]):
+    """Raw public keys of the stored keys, looked up one at a time (as the one-at-a-time path does)."""
+
+    def __init__(self, keys: StoredKeys) -> None:
+        self._keys = keys
+
+    def __getitem__(self, kid: str) -> bytes:
+        return self._keys[kid].public_key.public_bytes_raw()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class _BatchWriter:
+    """Applies the stateful rules to a batch in memory inside the caller's transaction, then writes it with one
+    statement per table."""
+
+    def __init__(self, conn: Connection, *, now: datetime) -> None:
+        self._conn, self._now = conn, now
+
+    def write(self, envelopes: Sequence[bytes], opened: Sequence[Opened | ProtocolError], *, max_bytes: int,
+              future_skew: timedelta, late_after: timedelta) -> list[Outcome]:
+        conn, now = self._conn, self._now
+        size = lock_ledger(conn)  # first: writers in other processes wait here (PostgreSQL)
+        keys = StoredKeys(conn, now, prefetch={o.key_id for o in opened if isinstance(o, Opened)})
+        chains = _BatchChains(conn, (k.agent_id for k in keys.cached()))
+        received_at = now.astimezone(UTC)
+        next_index = int(conn.execute(select(func.coalesce(func.max(entries.c.entry_index) + 1, 0))).scalar_one())
+        tree = Frontier(conn, size)
+        accepted: dict[tuple[str, int], Receipt] = {}
+        out: list[Outcome] = []
+        entry_rows: list[dict[str, Any]] = []
+        facts = FactBatch()
+        for envelope, o in zip(envelopes, opened, strict=True):
+            try:
+                if isinstance(o, KeyUnknown):  # the key id the stateless stage looked for was not the one signed
+                    o = open_envelopes([envelope], _RawStoredKeys(keys), max_bytes)[0]
+                if isinstance(o, ProtocolError):
+                    raise o
+                trusted = keys.get(o.key_id)
+                if trusted is None:  # rotated away or revoked since the stateless stage
+                    raise KeyUnknown(f"signatures[0].keyid: expected a key enrolled with this verifier, "
+                                     f"got {o.key_id[:64]!r}")
+                head = o.head
+                duplicate = check_report(head, signing_key=o.key_id, envelope_hash=o.envelope_hash,
+                                         trusted=trusted, chains=chains, now=now, future_skew=future_skew)
+            except SeqConflict as exc:
+                _keep_equivocation(conn, exc, envelope, now)
+                out.append(exc)
+                continue
+            except (VerifierError, ProtocolError) as exc:
+                out.append(exc)
+                continue
+            if duplicate is not None:
+                original = accepted.get((duplicate.agent_id, duplicate.seq)) or receipt_for(
+                    conn, duplicate.agent_id, duplicate.seq)
+                assert original is not None  # the rules saw its hash in this batch or in the ledger
+                log.info("replay of agent %r seq %d answered with the original receipt", duplicate.agent_id,
+                         duplicate.seq)
+                out.append(IngestResult(receipt=original, created=False))
+                continue
+            late = head.period_end < now - late_after
+            receipt = Receipt(index=next_index, agent_id=trusted.agent_id, seq=head.seq,
+                              envelope_hash=o.envelope_hash, leaf_hash=o.leaf_hash, received_at=received_at,
+                              late=late)
+            entry_rows.append(entry_row(head, index=next_index, envelope=envelope, envelope_hash=o.envelope_hash,
+                                        leaf_hash=o.leaf_hash, received_at=received_at, late=late))
+            tree.append(bytes.fromhex(o.leaf_hash), entry_index=next_index)
+            facts.add_compact(trusted.applicant_id, o.facts)
+            chains.accept(head, o.envelope_hash)
+            accepted[(trusted.agent_id, head.seq)] = receipt
+            out.append(IngestResult(receipt=receipt, created=True))
+            next_index += 1
+        if entry_rows:
+            conn.execute(insert(entries), entry_rows)
+            tree.write()
+            facts.write(conn)
+            self._advance(chains)
+        return out
+
+    def _advance(self, chains: _BatchChains) -> None:
+        """Advance each agent's stored chain state, guarded by the state it was read in (a writer that bypassed the
+        ledger lock makes the guard miss; the transaction then rolls back)."""
+        rows = [{"b_agent": agent_id, "b_seq": chains.start[agent_id].next_seq,
+                 "b_hash": chains.start[agent_id].last_hash, "next_seq": state.next_seq, "last_hash": state.last_hash,
+                 "last_period_end": state.last_period_end, "last_report_at": self._now}
+                for agent_id, state in chains.states.items() if state is not chains.start[agent_id]]
+        stmt = (update(agents)
+                .where(agents.c.agent_id == bindparam("b_agent"), agents.c.next_seq == bindparam("b_seq"),
+                       agents.c.last_hash == bindparam("b_hash"))
+                .values(next_seq=bindparam("next_seq"), last_hash=bindparam("last_hash"),
+                        last_period_end=bindparam("last_period_end"), last_report_at=bindparam("last_report_at")))
+        result = self._conn.execute(stmt, rows)
+        if self._conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(rows):
+            raise ChainBroken(f"agents' chain states: expected {len(rows)} to advance, {result.rowcount} did; "
+                              "another writer moved them while this batch was verified")
+
+
 @dataclass
 class _Pending:
-    envelope: bytes
-    future: asyncio.Future[IngestResult]
+    envelopes: Sequence[bytes]
+    future: asyncio.Future[list[Outcome]]
 
 
 class GroupCommitWriter:
-    """The HTTP app's single writer: requests queue their envelope; the writer takes everything queued (up to
-    ``max_batch``), ingests it with :func:`ingest_batch` (one commit) under ``lock``, then answers each request.
-    ``after_commit`` runs after each batch (checkpoint schedule)."""
+    """The HTTP app's single writer: requests queue their envelopes; everything queued (up to about ``max_batch``
+    envelopes) becomes one batch, whose stateless stage (:func:`open_batch`, in ``pool``'s processes for large
+    batches) runs while the previous batch is written; the write stage (:func:`write_batch`, one commit) runs under
+    ``lock``, then each request is answered. ``after_commit`` runs after each batch (checkpoint schedule)."""
 
     def __init__(self, engine: Engine, *, lock: asyncio.Lock, clock: Callable[[], datetime],
-                 after_commit: Callable[[], object] | None = None, max_batch: int = 256,
+                 after_commit: Callable[[], object] | None = None, max_batch: int = 1000,
                  max_bytes: int = MAX_ENVELOPE_BYTES, future_skew: timedelta = DEFAULT_FUTURE_SKEW,
-                 late_after: timedelta = DEFAULT_LATE_AFTER) -> None:
+                 late_after: timedelta = DEFAULT_LATE_AFTER, pool: VerifyPool | None = None) -> None:
         self._engine, self._lock, self._clock, self._after = engine, lock, clock, after_commit
-        self._max_batch, self._max_bytes = max_batch, max_bytes
+        self._max_batch, self._max_bytes, self._pool = max_batch, max_bytes, pool
         self._future_skew, self._late_after = future_skew, late_after
         self._queue: asyncio.Queue[_Pending] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
         self.reports = 0
 
     async def submit(self, envelope: bytes) -> IngestResult:
-        if self._queue is None or self._task is None or self._task.done():
+        """Ingest one envelope; its refusal is raised."""
+        (outcome,) = await self.submit_many([envelope])
+        if isinstance(outcome, IngestResult):
+            return outcome
+        raise outcome
+
+    async def submit_many(self, envelopes: Sequence[bytes]) -> list[Outcome]:
+        """Ingest several envelopes in order (in one commit, or in the same commits as other requests'); return each
+        one's result or refusal. A failure of the commit itself is raised."""
+        if self._queue is None or not self._tasks or any(t.done() for t in self._tasks):
+            for task in self._tasks:
+                task.cancel()
             self._queue = asyncio.Queue()
-            self._task = asyncio.create_task(self._run(self._queue), name="group-commit-writer")
-        future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(envelope, future))
+            opened: asyncio.Queue[_Opening] = asyncio.Queue(maxsize=1)
+            self._tasks = [asyncio.create_task(self._open_loop(self._queue, opened), name="group-commit-open"),
+                           asyncio.create_task(self._write_loop(opened), name="group-commit-write")]
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(envelopes, future))
         return await future
 
-    async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
+    async def _open_loop(self, queue: asyncio.Queue[_Pending], opened: asyncio.Queue[_Opening]) -> None:
         while True:
             batch = [await queue.get()]
-            while len(batch) < self._max_batch and not queue.empty():
+            total = len(batch[0].envelopes)
+            while total < self._max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            envelopes = [p.envelope for p in batch]
+                total += len(batch[-1].envelopes)
+            envelopes = [e for p in batch for e in p.envelopes]
+            stage = asyncio.ensure_future(asyncio.to_thread(open_batch, self._engine, envelopes,
+                                                            max_bytes=self._max_bytes, pool=self._pool))
+            await opened.put(_Opening(batch, envelopes, stage))
+
+    async def _write_loop(self, opened: asyncio.Queue[_Opening]) -> None:
+        while True:
+            item = await opened.get()
+            batch, envelopes = item.batch, item.envelopes
             try:
+                checked = await item.stage
                 async with self._lock:
                     results = await asyncio.to_thread(
-                        ingest_batch, self._engine, envelopes, now=self._clock(), max_bytes=self._max_bytes,
+                        write_batch, self._engine, envelopes, checked, now=self._clock(), max_bytes=self._max_bytes,
                         future_skew=self._future_skew, late_after=self._late_after)
                     if self._after is not None:
                         try:
                             await asyncio.to_thread(self._after)
                         except Exception:  # the batch is committed: answer it; the failure is loud
                             log.critical("after the commit of %d reports: the checkpoint step failed",
-                                         len(batch), exc_info=True)
+                                         len(envelopes), exc_info=True)
             except Exception as exc:
-                log.exception("group commit of %d reports failed", len(batch))
+                log.exception("group commit of %d reports failed", len(envelopes))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
             self.batches += 1
-            self.reports += len(batch)
-            for p, r in zip(batch, results, strict=True):
-                if p.future.done():  # the client went away: the result stays committed
-                    continue
-                if isinstance(r, IngestResult):
-                    p.future.set_result(r)
-                else:
-                    p.future.set_exception(r)
+            self.reports += len(envelopes)
+            at = 0
+            for p in batch:
+                mine, at = results[at:at + len(p.envelopes)], at + len(p.envelopes)
+                if not p.future.done():  # else the client went away: its results stay committed
+                    p.future.set_result(mine)
+
+
+@dataclass
+class _Opening:
+    batch: list[_Pending]
+    envelopes: list[bytes]
+    stage: asyncio.Future[list[Opened | ProtocolError]]

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from protocol import merkle
 from protocol.canonical import canonical_json
-from verifier.core import VerifiedReport
+from verifier.core import ReportHead, VerifiedReport
 from verifier.db import entries, equivocations, ledger_leaves, ledger_nodes, ledger_state
 
 
@@ -57,23 +57,21 @@ def _receipt(row: Any) -> Receipt:
                    late=bool(row.late))
 
 
+def entry_row(head: ReportHead, *, index: int, envelope: bytes, envelope_hash: str, leaf_hash: str,
+              received_at: datetime, late: bool) -> dict[str, Any]:
+    """The ``entries`` row of one verified report stored as entry ``index``."""
+    return {"entry_index": index, "agent_id": head.agent_id, "seq": head.seq, "envelope": envelope,
+            "envelope_hash": envelope_hash, "leaf_hash": leaf_hash, "received_at": received_at,
+            "period_start": head.period_start, "period_end": head.period_end, "late": late}
+
+
 def append_entry(conn: Connection, verified: VerifiedReport, *, received_at: datetime) -> Receipt:
     """Append one verified report as the next entry (inside the caller's write transaction)."""
     received_at = received_at.astimezone(UTC)  # receipts always speak UTC, as stored
     index = int(conn.execute(select(func.coalesce(func.max(entries.c.entry_index) + 1, 0))).scalar_one())
-    period = verified.report.period
-    conn.execute(insert(entries).values(
-        entry_index=index,
-        agent_id=verified.agent_id,
-        seq=verified.report.seq,
-        envelope=verified.envelope,
-        envelope_hash=verified.envelope_hash,
-        leaf_hash=verified.leaf_hash,
-        received_at=received_at,
-        period_start=period.start,
-        period_end=period.end,
-        late=verified.late,
-    ))
+    conn.execute(insert(entries).values(entry_row(
+        ReportHead.of(verified.report), index=index, envelope=verified.envelope, envelope_hash=verified.envelope_hash,
+        leaf_hash=verified.leaf_hash, received_at=received_at, late=verified.late)))
     return Receipt(index=index, agent_id=verified.agent_id, seq=verified.report.seq,
                    envelope_hash=verified.envelope_hash, leaf_hash=verified.leaf_hash, received_at=received_at,
                    late=verified.late)
@@ -174,18 +172,47 @@ def append_leaf(conn: Connection, *, size: int, kind: str, leaf: bytes, entry_in
                 body: bytes | None = None) -> int:
     """Append one leaf at ``size`` (the size returned by :func:`lock_ledger`, in the same transaction) and store the
     subtrees it completes. Returns the leaf's tree index; the caller passes ``size + 1`` to the next call."""
-    conn.execute(insert(ledger_leaves).values(tree_index=size, kind=kind, entry_index=entry_index, body=body,
-                                              leaf_hash=leaf))
-    h, level, idx = leaf, 0, size
-    nodes = []
-    while idx & 1:
-        h = merkle.node_hash(_perfect(conn, level, idx - 1), h)
-        level, idx = level + 1, idx >> 1
-        nodes.append({"level": level, "idx": idx, "hash": h})
-    if nodes:
-        conn.execute(insert(ledger_nodes), nodes)
-    conn.execute(update(ledger_state).where(ledger_state.c.id == 1).values(size=size + 1))
+    tree = Frontier(conn, size)
+    tree.append(leaf, kind=kind, entry_index=entry_index, body=body)
+    tree.write()
     return size
+
+
+class Frontier:
+    """Appends leaves to the tree in memory — each leaf completes the subtrees whose left halves are already known
+    (read from the store the first time, then from this batch) — and writes them all with one statement per table
+    and one update of the size. Used inside the transaction that called :func:`lock_ledger`."""
+
+    def __init__(self, conn: Connection, size: int) -> None:
+        self._conn, self._start, self.size = conn, size, size
+        self._known: dict[tuple[int, int], bytes] = {}
+        self._leaves: list[dict[str, Any]] = []
+        self._nodes: list[dict[str, Any]] = []
+
+    def append(self, leaf: bytes, *, kind: str = LEAF_REPORT, entry_index: int | None = None,
+               body: bytes | None = None) -> int:
+        index = self.size
+        self._leaves.append({"tree_index": index, "kind": kind, "entry_index": entry_index, "body": body,
+                             "leaf_hash": leaf})
+        self._known[(0, index)] = leaf
+        h, level, idx = leaf, 0, index
+        while idx & 1:
+            left = self._known.get((level, idx - 1))
+            h = merkle.node_hash(left if left is not None else _perfect(self._conn, level, idx - 1), h)
+            level, idx = level + 1, idx >> 1
+            self._known[(level, idx)] = h
+            self._nodes.append({"level": level, "idx": idx, "hash": h})
+        self.size += 1
+        return index
+
+    def write(self) -> None:
+        if not self._leaves:
+            return
+        self._conn.execute(insert(ledger_leaves), self._leaves)
+        if self._nodes:
+            self._conn.execute(insert(ledger_nodes), self._nodes)
+        self._conn.execute(update(ledger_state).where(ledger_state.c.id == 1).values(size=self.size))
+        self._leaves, self._nodes = [], []
 
 
 def _perfect(conn: Connection, level: int, idx: int) -> bytes:

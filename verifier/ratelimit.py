@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -50,14 +51,21 @@ class AgentRateLimiter:
 
     def check(self, envelope: bytes, *, now: float) -> JSONResponse | None:
         """None when the envelope's agent is within its budget, else the 429 answer to send."""
+        refused = self.refusal(envelope, now=now)
+        if refused is None:
+            return None
+        return JSONResponse(status_code=429, headers={"Retry-After": str(refused["error"]["retry_after_s"])},
+                            content=refused)
+
+    def refusal(self, envelope: bytes, *, now: float) -> dict[str, Any] | None:
+        """None when the envelope's agent is within its budget (a token is taken), else the 429 error body."""
         wait = self.retry_after_s(_claimed_key_id(envelope), now=now)
         if wait == 0.0:
             return None
         seconds = max(1, math.ceil(wait))
         message = f"agent rate: expected at most {self.rate_per_s:g} reports/s (burst {self.burst}), got more"
-        return JSONResponse(status_code=429, headers={"Retry-After": str(seconds)}, content={"error": {
-            "code": RATE_LIMITED_CODE, "message": f"Too many reports from this agent: {message}",
-            "message_zh": f"该代理提交报告过于频繁：{message}", "retry_after_s": seconds}})
+        return {"error": {"code": RATE_LIMITED_CODE, "message": f"Too many reports from this agent: {message}",
+                          "message_zh": f"该代理提交报告过于频繁：{message}", "retry_after_s": seconds}}
 
 
 def _claimed_key_id(envelope: bytes) -> str:
