@@ -11,7 +11,7 @@ The server runs in a child process (so that client and server each get a core, a
 the client's peak memory is its own). The last line printed is one JSON object:
 
     {"metric": "opcua_devices_enumerate_s", "value": <connector s>, "unit": "s", "baseline": <naive s>,
-     "ratio": <baseline / value>, "devices": N, "requests": ..., "peak_rss_mb": ...}
+     "ratio": <baseline / value>, "devices": N, "requests": ..., "peak_rss_mb": ..., "load_avg_1m": ...}
 
 Usage: ``python bench/opcua_devices.py [--devices 10000] [--repeat 3] [--in-flight 4]``
 """
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from connectors.base import DeviceIdentity, DeviceStatus  # noqa: E402
-from connectors.opcua import OpcuaConnector  # noqa: E402
+from connectors.opcua import OpcuaConnector, wire  # noqa: E402
 from simulator.mosquitto import free_port  # noqa: E402
 from simulator.opcua_plant import DI_NAMESPACE_URI, OpcuaPlant  # noqa: E402
 from simulator.plant import PlantShape, PlantSpec, make_plant  # noqa: E402
@@ -160,10 +160,12 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
         "baseline_requests": naive_requests,
         "runs_s": [round(r[0], 3) for r in runs],
         "max_requests_in_flight": args.in_flight,
+        "decoder_fallbacks": wire.fallbacks(),  # answers the connector left to asyncua's decoder (0 expected)
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "server_build_s": round(build_s, 1),
         "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # the machine is shared: figures depend on it
     }
 
 

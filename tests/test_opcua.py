@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from connectors.base import ConfigError, DeviceConnector, DeviceIdentity, DeviceObservation, DeviceStatus
-from connectors.opcua import DEFAULTS, OpcuaConnector
+from connectors.opcua import DEFAULTS, OpcuaConnector, wire
 from simulator.mosquitto import free_port
 from simulator.opcua_plant import DeviceHealth, HangingPeer, OpcuaPlant, run_opcua_plant
 from simulator.plant import PlantShape, PlantSpec, SimDevice, make_plant
@@ -64,6 +64,7 @@ async def two_rounds(connector: OpcuaConnector, plant: OpcuaPlant) -> list[Devic
 @in_module_loop
 async def test_identities_statuses_and_enterprises_match_ground_truth(spec: PlantSpec, plant: OpcuaPlant) -> None:
     truth = spec.ground_truth()
+    fallbacks = wire.fallbacks()
     async with OpcuaConnector(endpoint=plant.endpoint) as connector:
         first = list(await connector.observe())
         await wait_updates(plant)
@@ -71,6 +72,7 @@ async def test_identities_statuses_and_enterprises_match_ground_truth(spec: Plan
 
     devices = opcua_devices(spec)
     assert len(first) == len(second) == truth["per_protocol"]["opcua"] == len(devices) == 12  # type: ignore[index]
+    assert connector.health().extra["decoder_fallbacks"] == fallbacks  # every answer decoded by connectors.opcua.wire
     expected_keys = {DeviceIdentity.product_instance_uri(d.product_instance_uri).key() for d in devices}
     assert {o.identity.key() for o in second} == expected_keys
     seen = by_serial(second)

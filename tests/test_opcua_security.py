@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from connectors.base import ConfigError, DeviceStatus
-from connectors.opcua import OpcuaConnector
+from connectors.opcua import OpcuaConnector, wire
 from simulator.mosquitto import free_port
 from simulator.opcua_plant import OpcuaPlant, write_self_signed_certificate
 from simulator.plant import PlantShape, PlantSpec, make_plant
@@ -68,9 +68,12 @@ def connector(endpoint: str, **cfg: Any) -> OpcuaConnector:
 async def test_signed_and_encrypted_sessions_with_user_login_count_every_device(
     spec: PlantSpec, pki: Pki, secure_plant: OpcuaPlant, mode: str
 ) -> None:
+    fallbacks = wire.fallbacks()
     async with connector(secure_plant.endpoint, **pki.secure(mode, username=USER, password=PASSWORD)) as c:
         observations = list(await c.observe())
     assert c.health().errors == {}
+    # Signed / decrypted below asyncua's request path: the answers reach the connector's own decoder intact.
+    assert wire.fallbacks() == fallbacks and c.health().extra["decoder_fallbacks"] == fallbacks
     assert c.config.application_uri == AGENT_URI  # taken from the certificate
     assert {o.evidence["serial"] for o in observations} == {d.serial for d in spec.on("opcua")}
     active = {o.evidence["serial"] for o in observations if o.status is DeviceStatus.ACTIVE}

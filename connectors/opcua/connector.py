@@ -20,6 +20,10 @@ One collection round (:meth:`OpcuaConnector.observe`) runs for every configured 
    OperationLimits), up to ``max_requests_in_flight`` chunks at a time; properties without timestamps,
    the activity variable with both. Never one request per node.
 
+Browse, BrowseNext and Read go through asyncua's request path; their answers are decoded by
+:mod:`connectors.opcua.wire` into light tuples (:class:`~connectors.opcua.wire.Ref`,
+:class:`~connectors.opcua.wire.Reading`), falling back to asyncua's decoder for what it does not know.
+
 Identity, strongest first: ProductInstanceUri; Manufacturer + Model + SerialNumber; else a local identity
 (endpoint + node id). Manufacturer, model and serial always go into the evidence, so the agent can merge a
 device that another protocol names only by manufacturer + model + serial.
@@ -76,6 +80,8 @@ from connectors.base import (
     optional,
     refuse_unknown,
 )
+from connectors.opcua import wire
+from connectors.opcua.wire import BrowseResult, Reading, Ref
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +404,7 @@ class _Endpoint:
 class _Device:
     nodeid: ua.NodeId
     local_id: str
-    values: dict[str, ua.DataValue] = field(default_factory=dict)
+    values: dict[str, Reading] = field(default_factory=dict)
 
 
 class _RoundAborted(Exception):
@@ -522,6 +528,7 @@ class OpcuaConnector(ConnectorBase):
             extra={
                 "connected": all(ep.session is not None for ep in self._endpoints),
                 "last_round": dict(self._last_round),
+                "decoder_fallbacks": wire.fallbacks(),
                 "endpoints": {ep.url: {"connected": ep.session is not None, "last_round": dict(ep.last_round)}
                               for ep in self._endpoints},
             },
@@ -625,7 +632,7 @@ class OpcuaConnector(ConnectorBase):
         )
         values = await self._read(ep, session, [_ns0(i) for i in server_nodes], timestamps=False)
         namespaces, server_uris, max_read, max_browse = (
-            v.Value.Value if v is not None and v.Value is not None and _good(v) else None for v in values)
+            v.value if v is not None and _good(v) else None for v in values)
         if isinstance(namespaces, list) and all(isinstance(n, str) for n in namespaces):
             session.namespaces = namespaces
         if isinstance(server_uris, list):
@@ -654,8 +661,8 @@ class OpcuaConnector(ConnectorBase):
             found: dict[ua.NodeId, None] = {}
             for refs in await self._browse(ep, session, level, node_class=ua.NodeClass.Object):
                 for ref in refs or ():
-                    if _candidate(ref) and fnmatch.fnmatchcase(ref.BrowseName.Name or "", pattern):
-                        found.setdefault(_plain(ref.NodeId))
+                    if _candidate(ref) and fnmatch.fnmatchcase(ref.browse_name or "", pattern):
+                        found.setdefault(_plain(ref.node_id))
             walked += "/" + pattern
             if not found:
                 self._fail(ep, "opcua_device_folder_missing", "OPC UA server %s has nothing matching %s",
@@ -680,15 +687,15 @@ class OpcuaConnector(ConnectorBase):
             session.type_match.clear()
             folders = await self._folders(ep, session)
             results = await self._browse(ep, session, folders, node_class=ua.NodeClass.Object, type_definitions=True)
-        candidates: dict[ua.NodeId, ua.ReferenceDescription] = {}
+        candidates: dict[ua.NodeId, Ref] = {}
         for refs in results:
             for ref in refs or ():
-                if _candidate(ref) and fnmatch.fnmatchcase(ref.BrowseName.Name or "", self.config.device_name):
-                    candidates.setdefault(_plain(ref.NodeId), ref)
+                if _candidate(ref) and fnmatch.fnmatchcase(ref.browse_name or "", self.config.device_name):
+                    candidates.setdefault(_plain(ref.node_id), ref)
         if self.config.device_type:
-            await self._learn_types(ep, session, {_plain(r.TypeDefinition) for r in candidates.values()})
+            await self._learn_types(ep, session, {_plain(r.type_definition) for r in candidates.values()})
             candidates = {n: r for n, r in candidates.items()
-                          if session.type_match.get(_plain(r.TypeDefinition), False)}
+                          if session.type_match.get(_plain(r.type_definition), False)}
         for gone in set(session.children) - set(candidates):
             del session.children[gone]
         return [_Device(nodeid, self._stable_id(session, nodeid)) for nodeid in candidates]
@@ -703,7 +710,7 @@ class OpcuaConnector(ConnectorBase):
         names = await self._read(ep, session, new, attribute=AttributeIds.BrowseName, timestamps=False)
         current: dict[ua.NodeId, ua.NodeId] = {}  # type asked about -> the supertype reached so far
         for t, value in zip(new, names, strict=True):
-            name = value.Value.Value if value is not None and value.Value is not None else None
+            name = value.value if value is not None else None
             if isinstance(name, ua.QualifiedName) and name.Name == wanted:
                 session.type_match[t] = True
             elif t.is_null() or t == _ns0(ObjectIds.BaseObjectType):
@@ -717,18 +724,18 @@ class OpcuaConnector(ConnectorBase):
             results = await self._browse(ep, session, [current[t] for t in asked], node_class=ua.NodeClass.ObjectType,
                                          direction=ua.BrowseDirection.Inverse, reference=ObjectIds.HasSubtype)
             for t, refs in zip(asked, results, strict=True):
-                parents = [r for r in refs or () if _local(r.NodeId)]
+                parents = [r for r in refs or () if _local(r.node_id)]
                 if not parents:
                     session.type_match[t] = False
                     del current[t]
-                elif parents[0].BrowseName.Name == wanted:
+                elif parents[0].browse_name == wanted:
                     session.type_match[t] = True
                     del current[t]
-                elif _plain(parents[0].NodeId) == _ns0(ObjectIds.BaseObjectType):
+                elif _plain(parents[0].node_id) == _ns0(ObjectIds.BaseObjectType):
                     session.type_match[t] = False
                     del current[t]
                 else:
-                    current[t] = _plain(parents[0].NodeId)
+                    current[t] = _plain(parents[0].node_id)
         for t in current:
             session.type_match[t] = False  # deeper than any sane type hierarchy
 
@@ -746,9 +753,9 @@ class OpcuaConnector(ConnectorBase):
                 continue  # counted by _browse; the device stays REGISTERED and is browsed again next round
             found: dict[str, ua.NodeId] = {}
             for ref in refs:
-                name = ref.BrowseName.Name
-                if name in wanted and name not in found and _local(ref.NodeId):
-                    found[name] = _plain(ref.NodeId)
+                name = ref.browse_name
+                if name in wanted and name not in found and _local(ref.node_id):
+                    found[name] = _plain(ref.node_id)
             if cfg.activity_variable not in found:
                 self._fail(ep, "opcua_activity_variable_missing", "OPC UA device %s on %s has no variable %r",
                            nodeid.to_string(), ep.url, cfg.activity_variable)
@@ -799,24 +806,24 @@ class OpcuaConnector(ConnectorBase):
     async def _read(
         self, ep: _Endpoint, session: _Session, nodes: list[ua.NodeId], *,
         attribute: int = AttributeIds.Value, timestamps: bool, keep_partial: bool = False,
-    ) -> list[ua.DataValue | None]:
+    ) -> list[Reading | None]:
         """Read one attribute of every node in chunks, up to ``max_requests_in_flight`` at a time. A malformed
         answer reads as BadUnexpectedError. With ``keep_partial``, a failed session leaves ``None`` for the chunks
         not read (the caller keeps the rest); otherwise it raises."""
-        out: list[ua.DataValue | None] = [None] * len(nodes)
+        out: list[Reading | None] = [None] * len(nodes)
         to_return = ua.TimestampsToReturn.Both if timestamps else ua.TimestampsToReturn.Neither
 
         async def one(start: int, chunk: list[ua.NodeId]) -> None:
             params = ua.ReadParameters(
                 MaxAge=0,
                 TimestampsToReturn=to_return,
-                NodesToRead=[ua.ReadValueId(NodeId=n, AttributeId=attribute) for n in chunk],
+                NodesToRead=wire.read_value_ids(chunk, attribute),
             )
-            results = await self._call(ep, session, "Read", partial(session.client.uaclient.read, params))
-            if len(results) != len(chunk) or not all(isinstance(r, ua.DataValue) for r in results):
+            results = await self._call(ep, session, "Read", partial(wire.read, session.client.uaclient, params))
+            if len(results) != len(chunk):
                 self._fail(ep, "opcua_malformed_answer", "OPC UA server %s answered %d results to a Read of %d nodes",
                            ep.url, len(results), len(chunk))
-                results = [ua.DataValue(StatusCode=_status(StatusCodes.BadUnexpectedError))] * len(chunk)
+                results = [Reading(None, StatusCodes.BadUnexpectedError, None, None)] * len(chunk)
             out[start : start + len(chunk)] = results
 
         await self._pipelined(one, nodes, session.read_chunk, keep_partial=keep_partial)
@@ -843,10 +850,10 @@ class OpcuaConnector(ConnectorBase):
         self, ep: _Endpoint, session: _Session, nodes: list[ua.NodeId], *, node_class: ua.NodeClass,
         direction: ua.BrowseDirection = ua.BrowseDirection.Forward, reference: int = ObjectIds.Null,
         quiet_unknown: bool = False, type_definitions: bool = False,
-    ) -> list[list[ua.ReferenceDescription] | None]:
+    ) -> list[list[Ref] | None]:
         """References of every node (to one node class), draining continuation points. ``None`` for a node
         whose browse failed (counted; with ``quiet_unknown`` an unknown node is left to the caller)."""
-        out: list[list[ua.ReferenceDescription] | None] = [None] * len(nodes)
+        out: list[list[Ref] | None] = [None] * len(nodes)
         # Only what is used: the reference type (to drop non-hierarchical ones), the browse name, and for
         # device candidates the type definition. Less for the server to encode and for us to decode.
         mask = int(ua.BrowseResultMask.ReferenceTypeId) | int(ua.BrowseResultMask.BrowseName)
@@ -869,23 +876,22 @@ class OpcuaConnector(ConnectorBase):
                     for n in chunk
                 ],
             )
-            results = await self._call(ep, session, "Browse", partial(session.client.uaclient.browse, params))
+            results = await self._call(ep, session, "Browse", partial(wire.browse, session.client.uaclient, params))
             if len(results) != len(chunk):
                 self._fail(ep, "opcua_malformed_answer", "OPC UA server %s answered %d results to a Browse of %d "
                            "nodes", ep.url, len(results), len(chunk))
                 return
-            refs: list[list[ua.ReferenceDescription] | None] = []
+            refs: list[list[Ref] | None] = []
             pending: dict[int, bytes] = {}
             for i, (nodeid, result) in enumerate(zip(chunk, results, strict=True)):
                 if not _browse_ok(result):
-                    if not (quiet_unknown and _code_of(getattr(result, "StatusCode", None)) in _UNKNOWN_NODE_CODES):
+                    if not (quiet_unknown and result.status in _UNKNOWN_NODE_CODES):
                         self._browse_failed(ep, nodeid, result)
                     refs.append(None)
                     continue
-                refs.append(_hierarchical(result.References) if reference == ObjectIds.Null else
-                            list(result.References or ()))
-                if result.ContinuationPoint:
-                    pending[i] = result.ContinuationPoint
+                refs.append(_hierarchical(result.references) if reference == ObjectIds.Null else result.references)
+                if result.continuation_point:
+                    pending[i] = result.continuation_point
             await self._drain(ep, session, chunk, refs, pending)
             out[start : start + len(chunk)] = refs
 
@@ -897,7 +903,7 @@ class OpcuaConnector(ConnectorBase):
         ep: _Endpoint,
         session: _Session,
         chunk: list[ua.NodeId],
-        refs: list[list[ua.ReferenceDescription] | None],
+        refs: list[list[Ref] | None],
         pending: dict[int, bytes],
     ) -> None:
         rounds = 0
@@ -908,13 +914,14 @@ class OpcuaConnector(ConnectorBase):
                            ep.url)
                 release = ua.BrowseNextParameters(ReleaseContinuationPoints=True,
                                                   ContinuationPoints=list(pending.values()))
-                await self._call(ep, session, "BrowseNext", partial(session.client.uaclient.browse_next, release))
+                await self._call(ep, session, "BrowseNext", partial(wire.browse_next, session.client.uaclient, release))
                 for i in pending:
                     refs[i] = None
                 return
             batch = list(pending.items())[: session.browse_chunk]
             params = ua.BrowseNextParameters(ReleaseContinuationPoints=False, ContinuationPoints=[c for _, c in batch])
-            results = await self._call(ep, session, "BrowseNext", partial(session.client.uaclient.browse_next, params))
+            results = await self._call(ep, session, "BrowseNext", partial(wire.browse_next, session.client.uaclient,
+                                                                          params))
             if len(results) != len(batch):
                 self._fail(ep, "opcua_malformed_answer", "OPC UA server %s answered %d results to a BrowseNext of "
                            "%d", ep.url, len(results), len(batch))
@@ -929,9 +936,9 @@ class OpcuaConnector(ConnectorBase):
                     self._browse_failed(ep, chunk[i], result)
                     refs[i] = None
                     continue
-                known.extend(_hierarchical(result.References))
-                if result.ContinuationPoint:
-                    pending[i] = result.ContinuationPoint
+                known.extend(_hierarchical(result.references))
+                if result.continuation_point:
+                    pending[i] = result.continuation_point
 
     async def _call(self, ep: _Endpoint, session: _Session, service: str, request: Callable[[], Awaitable[Any]]
                     ) -> Any:
@@ -959,10 +966,9 @@ class OpcuaConnector(ConnectorBase):
             self._fail(ep, code, "OPC UA %s to %s failed: %s", service, ep.url, text)
         raise _RoundAborted
 
-    def _browse_failed(self, ep: _Endpoint, nodeid: ua.NodeId, result: Any) -> None:
-        status = getattr(result, "StatusCode", None)
-        name = status.name if isinstance(status, ua.StatusCode) else "malformed"
-        code = "opcua_node_unknown" if _code_of(status) in _UNKNOWN_NODE_CODES else "opcua_browse_failed"
+    def _browse_failed(self, ep: _Endpoint, nodeid: ua.NodeId, result: BrowseResult) -> None:
+        name = _status(result.status).name
+        code = "opcua_node_unknown" if result.status in _UNKNOWN_NODE_CODES else "opcua_browse_failed"
         self._fail(ep, code, "OPC UA server %s refused to browse %s: %s", ep.url, nodeid.to_string(), name)
 
     # --- turning answers into observations --------------------------------------------------------------
@@ -1005,8 +1011,8 @@ class OpcuaConnector(ConnectorBase):
             evidence=evidence,
         )
 
-    def _fresh(self, ep: _Endpoint, device: _Device, value: ua.DataValue, now: datetime) -> bool:
-        ts = _aware(value.SourceTimestamp)
+    def _fresh(self, ep: _Endpoint, device: _Device, value: Reading, now: datetime) -> bool:
+        ts = _aware(value.source_timestamp)
         if ts is None:
             return False
         window = timedelta(seconds=self.config.freshness_window_s)
@@ -1021,7 +1027,7 @@ class OpcuaConnector(ConnectorBase):
         seen: dict[str, datetime] = {}
         for device in devices:
             activity = device.values.get(self.config.activity_variable)
-            ts = _aware(activity.SourceTimestamp) if activity is not None else None
+            ts = _aware(activity.source_timestamp) if activity is not None else None
             if ts is not None:
                 seen[device.local_id] = ts
             elif device.local_id in ep.last_source_ts:
@@ -1101,39 +1107,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _code_of(status: Any) -> int | None:
-    return status.value if isinstance(status, ua.StatusCode) else None
+def _code(value: Reading) -> int:
+    return value.status
 
 
-def _code(value: ua.DataValue) -> int:
-    status = value.StatusCode
-    return StatusCodes.Good if status is None else status.value
+def _good(value: Reading) -> bool:
+    return value.status & 0xC000_0000 == 0  # the severity bits: Good
 
 
-def _good(value: ua.DataValue) -> bool:
-    return value.StatusCode is None or value.StatusCode.is_good()
-
-
-def _browse_ok(result: Any) -> bool:
-    return isinstance(result, ua.BrowseResult) and (result.StatusCode is None or result.StatusCode.is_good())
+def _browse_ok(result: BrowseResult) -> bool:
+    return result.status & 0xC000_0000 == 0
 
 
 def _local(nodeid: ua.NodeId) -> bool:
     return not (isinstance(nodeid, ua.ExpandedNodeId) and (nodeid.ServerIndex or nodeid.NamespaceUri))
 
 
-def _candidate(ref: ua.ReferenceDescription) -> bool:
+def _candidate(ref: Ref) -> bool:
     """A local node outside namespace 0: the Server object and the standard nodes are never devices."""
-    return _local(ref.NodeId) and ref.NodeId.NamespaceIndex != 0 and ref.BrowseName is not None
+    return _local(ref.node_id) and ref.node_id.NamespaceIndex != 0 and ref.browse_name is not None
 
 
-def _hierarchical(refs: Sequence[ua.ReferenceDescription] | None) -> list[ua.ReferenceDescription]:
+def _hierarchical(refs: Sequence[Ref]) -> list[Ref]:
     """The references that are not of a standard non-hierarchical type."""
-    return [r for r in refs or () if not (r.ReferenceTypeId.NamespaceIndex == 0
-                                          and r.ReferenceTypeId.Identifier in NON_HIERARCHICAL_REFERENCES)]
+    return [r for r in refs if not (r.reference_type.NamespaceIndex == 0
+                                    and r.reference_type.Identifier in NON_HIERARCHICAL_REFERENCES)]
 
 
 def _plain(nodeid: ua.NodeId) -> ua.NodeId:
+    if type(nodeid) is ua.NodeId:
+        return nodeid
     return ua.NodeId(nodeid.Identifier, nodeid.NamespaceIndex, nodeid.NodeIdType)
 
 
@@ -1143,25 +1146,25 @@ def _aware(ts: datetime | None) -> datetime | None:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
-def _text(value: ua.DataValue | None) -> str:
+def _text(value: Reading | None) -> str:
     """A String or LocalizedText property's text, stripped; empty when absent, bad or of another type."""
-    if value is None or not _good(value) or value.Value is None:
+    if value is None or not _good(value):
         return ""
-    raw = value.Value.Value
+    raw = value.value
     if isinstance(raw, ua.LocalizedText):
         raw = raw.Text
     return raw.strip() if isinstance(raw, str) else ""
 
 
-def _health(value: ua.DataValue | None) -> int | None:
-    if value is None or not _good(value) or value.Value is None:
+def _health(value: Reading | None) -> int | None:
+    if value is None or not _good(value):
         return None
-    raw = value.Value.Value
+    raw = value.value
     return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
 
 
-def _data_value_evidence(value: ua.DataValue) -> dict[str, Any]:
-    raw = value.Value.Value if value.Value is not None else None
+def _data_value_evidence(value: Reading) -> dict[str, Any]:
+    raw = value.value
     shown: Any
     if raw is None or isinstance(raw, bool | int | str):
         shown = raw[:MAX_EVIDENCE_TEXT] if isinstance(raw, str) else raw
@@ -1169,11 +1172,10 @@ def _data_value_evidence(value: ua.DataValue) -> dict[str, Any]:
         shown = raw if math.isfinite(raw) else repr(raw)
     else:
         shown = repr(raw)[:MAX_EVIDENCE_TEXT]
-    status = value.StatusCode if value.StatusCode is not None else _status(StatusCodes.Good)
-    source, server = _aware(value.SourceTimestamp), _aware(value.ServerTimestamp)
+    source, server = _aware(value.source_timestamp), _aware(value.server_timestamp)
     return {
         "value": shown,
-        "status": status.name,
+        "status": _status(value.status).name,
         "source_timestamp": source.isoformat() if source else None,
         "server_timestamp": server.isoformat() if server else None,
     }
