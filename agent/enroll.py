@@ -25,6 +25,7 @@ class Enrollment:
     enterprise: str | None
     fingerprint_key: str  # base64, issued by the verifier for the whole deployment
     verifier_url: str
+    resolution_salt: str | None = None  # base64, issued by the verifier for this agent (None: enrolled before salts)
 
     @property
     def fingerprint_key_bytes(self) -> bytes:
@@ -77,6 +78,7 @@ def enroll(
         enterprise=got.get("enterprise"),
         fingerprint_key=got["fingerprint_key"],
         verifier_url=url,
+        resolution_salt=got.get("resolution_salt"),
     )
     save_enrollment(enrollment, enrollment_path)
     return enrollment

@@ -49,5 +49,50 @@ async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_pat
     assert day["resolutions_ok"] == truth.resolutions_ok  # the loop is counted: flags never change a count
     assert verdict["beside"]["successful_resolutions"] == truth.resolutions_ok
     assert "flat_loop" in {f["code"] for f in day["flags"]}
+    assert "samples_not_due" not in {f["code"] for f in day["flags"]}  # sampled under the salt it was issued
     assert got["days_flagged"].get("flat_loop") == 1
     assert 0 < day["distinct_clients_estimate"] < 5000
+
+
+async def test_a_node_that_samples_under_a_salt_of_its_own_is_flagged(tmp_path: Path) -> None:
+    """Attack: the operator swaps the sampling salt the verifier issued (in the agent's enrollment file) for one of
+    its own, so that it knows in advance which lines are sampled. Every sample is then not due under the issued
+    salt, which the verifier recomputes: flagged, count unchanged."""
+    import base64
+    import json
+    import os
+
+    node = ResolutionNode(tmp_path / "node", seed=29)
+    start = datetime.combine(DAY, time(0), tzinfo=SHANGHAI)
+    node.write_day(DAY, 20_000)
+    truth = node.ground_truth().days[DAY.isoformat()]
+    with running_verifier(tmp_path / "verifier") as v:
+        v.clock.now = start + timedelta(days=2)
+        token = v.client.post("/v1/admin/tokens", json={"applicant_id": "node-1"}, headers=v.admin).json()["token"]
+        cfg = tmp_path / "agent" / "agent.toml"
+        assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
+        cfg.write_text(
+            cfg.read_text(encoding="utf-8")
+            + f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n',
+            encoding="utf-8",
+        )
+        config = load_config(cfg)
+        enroll(key_path=config.key_path, enrollment_path=config.enrollment_path, verifier_url=v.base_url,
+               token=token, agent_name="node-agent")
+        record = json.loads(config.enrollment_path.read_text(encoding="utf-8"))
+        issued = base64.b64decode(record["resolution_salt"])
+        record["resolution_salt"] = base64.b64encode(os.urandom(32)).decode()
+        config.enrollment_path.write_text(json.dumps(record), encoding="utf-8")
+        async with Agent(config) as agent:
+            agent.period_start = start
+            await agent.collect_round(now=start + timedelta(hours=23))
+            agent.close_period(end=start + timedelta(days=1))
+            assert (await agent.deliver()).remaining == 0
+        got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}).json()
+    (day,) = [d for d in got["days"] if d["day"] == DAY.isoformat()]
+    assert day["resolutions_ok"] == truth.resolutions_ok
+    (flag,) = [f for f in day["flags"] if f["code"] == "samples_not_due"]
+    assert flag["value"] > 0 and "not due under the salt the verifier issued" in flag["message"]
+    from verifier.node_evidence import salt_digest
+
+    assert salt_digest(issued) in flag["message"]

@@ -137,10 +137,13 @@ def test_enroll_answers_agent_binding_and_fingerprint_key(verifier: Harness) -> 
                                                  "agent_name": "edge-a"})
     assert r.status_code == 201, r.text
     body = r.json()
-    assert set(body) == {"agent_id", "key_id", "applicant_id", "enterprise", "fingerprint_key", "next_seq"}
+    assert set(body) == {"agent_id", "key_id", "applicant_id", "enterprise", "fingerprint_key", "resolution_salt",
+                         "next_seq"}
     assert body["applicant_id"] == "plat-1" and body["next_seq"] == 1
     assert body["enterprise"] == {"uscc": uscc(1), "name": "企业1"}
     assert len(base64.b64decode(body["fingerprint_key"])) == 32
+    salt = base64.b64decode(body["resolution_salt"])  # the agent's own sampling salt, not the deployment's key
+    assert len(salt) == 32 and salt != base64.b64decode(body["fingerprint_key"])
     agent = verifier.client.get(f"/v1/agents/{body['agent_id']}").json()
     assert agent == {"agent_id": body["agent_id"], "applicant_id": "plat-1", "key_id": body["key_id"],
                      "next_seq": 1, "last_hash": "0" * 64, "last_report_at": None, "revoked": False}

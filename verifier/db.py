@@ -131,6 +131,14 @@ agents = Table(
     Column("last_report_at", UtcDateTime, nullable=True),
 )
 
+agent_salts = Table(  # the salt each agent samples resolution records under (issue 4), issued at enrollment
+    "agent_salts",
+    metadata,
+    Column("agent_id", String(64), ForeignKey("agents.agent_id"), primary_key=True),
+    Column("salt", LargeBinary(32), nullable=False),
+    Column("issued_at", UtcDateTime, nullable=False),
+)
+
 key_events = Table(
     "key_events",
     metadata,

@@ -29,6 +29,7 @@ from protocol.report import GENESIS_HASH
 from protocol.uscc import validate_uscc
 from verifier.db import (
     agent_keys,
+    agent_salts,
     agents,
     applicants,
     enrollment_tokens,
@@ -55,6 +56,8 @@ from verifier.ledger import append_key_event, lock_ledger
 TOKEN_PREFIX = "tpe_"  # noqa: S105 - a public prefix naming Tianping enrollment tokens, not a secret
 
 log = logging.getLogger(__name__)
+
+SALT_BYTES = 32  # 256 bits
 
 
 def key_event_body(event: str, *, agent_id: str, applicant_id: str, key_id: str, public_key: bytes | None,
@@ -102,11 +105,13 @@ class Enrollment:
     applicant_id: str
     enterprise: dict[str, str] | None
     fingerprint_key: bytes
+    resolution_salt: bytes  # the agent's own: resolution records are sampled under it (issue 4)
 
     def to_json(self) -> dict[str, Any]:
         return {"agent_id": self.agent_id, "key_id": self.key_id, "applicant_id": self.applicant_id,
                 "enterprise": self.enterprise,
-                "fingerprint_key": base64.b64encode(self.fingerprint_key).decode("ascii"), "next_seq": 1}
+                "fingerprint_key": base64.b64encode(self.fingerprint_key).decode("ascii"),
+                "resolution_salt": base64.b64encode(self.resolution_salt).decode("ascii"), "next_seq": 1}
 
 
 def get_applicant(conn: Connection, applicant_id: str) -> Applicant:
@@ -203,6 +208,8 @@ def enroll_agent(engine: Engine, *, token: str, public_key_b64: str, agent_name:
             conn.execute(insert(key_events).values(agent_id=agent_id, key_id=kid, event="enroll", at=now,
                                                    detail=f"token for applicant {row.applicant_id}"))
             conn.execute(insert(agent_keys).values(key_id=kid, agent_id=agent_id, public_key=raw, valid_from=now))
+            salt = secrets.token_bytes(SALT_BYTES)
+            conn.execute(insert(agent_salts).values(agent_id=agent_id, salt=salt, issued_at=now))
             append_key_event(conn, event=key_event_body(
                 "enroll", agent_id=agent_id, applicant_id=row.applicant_id, key_id=kid, public_key=raw, at=now,
                 detail={"enterprise": row.enterprise_uscc}))
@@ -219,7 +226,14 @@ def enroll_agent(engine: Engine, *, token: str, public_key_b64: str, agent_name:
             from None
     log.info("enrolled agent %r (key %s…) for applicant %r", agent_id, kid[:16], row.applicant_id)
     return Enrollment(agent_id=agent_id, key_id=kid, applicant_id=row.applicant_id, enterprise=enterprise,
-                      fingerprint_key=fkey)
+                      fingerprint_key=fkey, resolution_salt=salt)
+
+
+def sampling_salt(conn: Connection, agent_id: str) -> bytes:
+    """The salt ``agent_id`` samples resolution records under: the one issued at its enrollment, or, for an agent
+    enrolled before salts were issued, the deployment's fingerprint key (what such an agent falls back to)."""
+    salt = conn.execute(select(agent_salts.c.salt).where(agent_salts.c.agent_id == agent_id)).scalar_one_or_none()
+    return bytes(salt) if salt is not None else fingerprint_key(conn)
 
 
 def revoke_agent(engine: Engine, *, agent_id: str, now: datetime, reason: str = "") -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 
 from protocol.report import ReportV1, parse_report
 from verifier.db import agents, entries
-from verifier.enroll import get_applicant
+from verifier.enroll import get_applicant, sampling_salt
 from verifier.node_evidence import anomaly_flags, day_evidence
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -39,18 +39,19 @@ def node_days(engine: Engine, applicant_id: str, year: int, *, zone: ZoneInfo = 
                    entries.c.period_end > start - timedelta(days=1), entries.c.period_start < end + timedelta(days=1))
             .order_by(entries.c.entry_index)
         ).all()
-    reports: dict[str, list[ReportV1]] = defaultdict(list)
-    for agent_id, envelope in rows:
-        report = parse_report(base64.b64decode(json.loads(envelope)["payload"]))
-        if report.resolution is not None:
-            reports[str(agent_id)].append(report)
+        reports: dict[str, list[ReportV1]] = defaultdict(list)
+        for agent_id, envelope in rows:
+            report = parse_report(base64.b64decode(json.loads(envelope)["payload"]))
+            if report.resolution is not None:
+                reports[str(agent_id)].append(report)
+        salts = {agent_id: sampling_salt(conn, agent_id) for agent_id in reports}
     days: list[dict[str, Any]] = []
     flagged: dict[str, int] = defaultdict(int)
     for agent_id, agent_reports in sorted(reports.items()):
         for day, ev in day_evidence(agent_reports, zone).items():
             if day.year != year:
                 continue
-            flags = anomaly_flags(ev)
+            flags = anomaly_flags(ev, salts[agent_id])
             for f in flags:
                 flagged[f.code] += 1
             days.append({

@@ -167,7 +167,8 @@ def hourly_cv(hourly: Sequence[int]) -> float:
     return math.sqrt(sum((h - mean) ** 2 for h in hourly) / n) / mean
 
 
-def anomaly_flags(ev: DayEvidence) -> list[Flag]:
+def anomaly_flags(ev: DayEvidence, salt: bytes | None = None) -> list[Flag]:
+    """The day's flags; with the agent's sampling ``salt``, also whether every sample was due under it."""
     flags: list[Flag] = []
     top = ev.share_of_top(FLAT_TOP_CLIENTS)
     cv = hourly_cv(ev.hourly_ok)
@@ -209,6 +210,16 @@ def anomaly_flags(ev: DayEvidence) -> list[Flag]:
                 "samples_inconsistent",
                 f"{got} salted resolution samples where about {expected:.1f} ± {spread:.1f} were due",
                 float(got), expected,
+            ))
+    if salt is not None:
+        refused = refused_samples(salt, ev)
+        if refused:
+            total = len(ev.resolution_samples) + len(ev.registration_samples)
+            flags.append(Flag(
+                "samples_not_due",
+                f"{len(refused)} of the day's {total} samples were not due under the salt the verifier issued to "
+                f"this agent (salt {salt_digest(salt)}): the node chose them, e.g. {refused[0][:120]!r}",
+                float(len(refused)), 0.0,
             ))
     return flags
 
