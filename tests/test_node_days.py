@@ -43,8 +43,8 @@ async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_pat
             agent.close_period(end=start + timedelta(days=1))
             result = await agent.deliver()
         assert result.remaining == 0
-        got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}).json()
-        verdict = v.client.get("/v1/applicants/node-1/eligibility", params={"year": 2026}).json()
+        got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}, headers=v.admin).json()
+        verdict = v.client.get("/v1/applicants/node-1/eligibility", params={"year": 2026}, headers=v.admin).json()
     (day,) = [d for d in got["days"] if d["day"] == DAY.isoformat()]
     assert day["resolutions_ok"] == truth.resolutions_ok  # the loop is counted: flags never change a count
     assert verdict["beside"]["successful_resolutions"] == truth.resolutions_ok
@@ -88,7 +88,27 @@ async def test_a_node_that_samples_under_a_salt_of_its_own_is_flagged(tmp_path: 
             await agent.collect_round(now=start + timedelta(hours=23))
             agent.close_period(end=start + timedelta(days=1))
             assert (await agent.deliver()).remaining == 0
-        got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}).json()
+        got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}, headers=v.admin).json()
+        # the days are kept in node_day_cache and reused while their entries stay the same ...
+        from sqlalchemy import update
+
+        from verifier.db import node_day_cache
+
+        with v.engine.begin() as conn:
+            conn.execute(update(node_day_cache).where(node_day_cache.c.day == DAY)
+                         .values(body=json.dumps({**got["days"][0], "resolutions_ok": -1})))
+        again = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}, headers=v.admin).json()
+        assert [d["resolutions_ok"] for d in again["days"] if d["day"] == DAY.isoformat()] == [-1]
+        # ... and recomputed from the ledger once they change
+        with v.engine.begin() as conn:
+            conn.execute(update(node_day_cache).where(node_day_cache.c.day == DAY).values(last_index=-1))
+        again = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}, headers=v.admin).json()
+        assert again == got
+        # beside the verdict: the officials' report (JSON here; the same rows in PDF, XLSX, CSV and the console)
+        report = v.client.get("/v1/applicants/node-1/reports/2026.json", headers=v.admin)
+        assert report.status_code == 200, report.text
+        (row,) = [a for a in report.json()["anomalies"] if a["flag"] == "samples_not_due"]
+        assert row["count"] == 1 and DAY.isoformat() in row["detail"]["en"] and "节点自选样本" in row["detail"]["zh"]
     (day,) = [d for d in got["days"] if d["day"] == DAY.isoformat()]
     assert day["resolutions_ok"] == truth.resolutions_ok
     (flag,) = [f for f in day["flags"] if f["code"] == "samples_not_due"]

@@ -139,6 +139,17 @@ agent_salts = Table(  # the salt each agent samples resolution records under (is
     Column("issued_at", UtcDateTime, nullable=False),
 )
 
+node_day_cache = Table(  # issue 4: a node agent's evidence and flags for one day, recomputed when its entries change
+    "node_day_cache",
+    metadata,
+    Column("agent_id", String(64), ForeignKey("agents.agent_id"), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=False),
+    Column("entries", Integer, nullable=False),  # the entries it was computed from: how many, and the last index
+    Column("last_index", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),  # JSON: the day's evidence and flags, or null (no resolution data)
+)
+
 key_events = Table(
     "key_events",
     metadata,

@@ -134,6 +134,35 @@ def _anomalies(conn: Connection, applicant_id: str, year: int, devices: list[dic
     return flags
 
 
+NODE_FLAG_TEXT = {  # issue 4: the node evidence's flags (verifier.node_evidence), counted in days
+    "flat_loop": ("流量集中于少数客户端且缺乏日内节律的天数（脚本循环特征）",
+                  "days whose traffic comes from a few clients without a daily rhythm (a scripted loop)"),
+    "replayed_lines": ("大量记录与更早的记录完全相同的天数（重放）",
+                       "days with many exact repeats of earlier records (replay)"),
+    "bulk_unresolved": ("新注册标识当天几乎无人解析的天数（批量注册）",
+                        "days whose new identifiers were hardly ever resolved (bulk registration)"),
+    "samples_inconsistent": ("加盐抽样数量与计数不符的天数", "days whose salted sample count does not fit the count"),
+    "samples_not_due": ("抽样记录并非按核验方下发的盐选中的天数（节点自选样本）",
+                        "days with samples not due under the salt the verifier issued (samples chosen by the node)"),
+}
+
+
+def _node_day_flags(engine: Engine, applicant_id: str, year: int) -> list[dict[str, Any]]:
+    """The node evidence's anomaly flags (``GET /v1/applicants/{id}/resolution-days``), one row per kind: how many
+    agent-days raised it, and which (the first five). They inform; the counts stand."""
+    from verifier.node_days import node_days
+
+    got = node_days(engine, applicant_id, year)
+    out = []
+    for code, count in got["days_flagged"].items():
+        days = [f"{d['day']} ({d['agent_id']})" for d in got["days"] if code in {f["code"] for f in d["flags"]}]
+        more = "" if len(days) <= 5 else f" … +{len(days) - 5}"
+        zh, en = NODE_FLAG_TEXT.get(code, (f"提示 {code} 的天数", f"days flagged {code}"))
+        out.append({"flag": code, "count": count,
+                    "detail": {"zh": f"{zh}：{'、'.join(days[:5])}{more}", "en": f"{en}: {', '.join(days[:5])}{more}"}})
+    return out
+
+
 def build_report(engine: Engine, policy: Policy, applicant_id: str, year: int, *, now: datetime,
                  as_of: date | None = None) -> Report:
     """The report's data (the JSON format): the stored annual evaluation of the year when there is one, else an
@@ -156,6 +185,8 @@ def build_report(engine: Engine, policy: Policy, applicant_id: str, year: int, *
             enterprises.c.applicant_id == applicant_id))}
         monthly = _monthly(conn, applicant_id, year) if applicant.kind == "node" else []
         anomalies = _anomalies(conn, applicant_id, year, devices, monthly)
+    if applicant.kind == "node":
+        anomalies.extend(_node_day_flags(engine, applicant_id, year))
     defs = policy.definitions
     window_end = date.fromisoformat(verdict["beside"]["window_end"])
     counted = connected_devices(
