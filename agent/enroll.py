@@ -5,16 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import EnrollmentRefused, NotEnrolled
 from protocol.canonical import canonical_json
 from protocol.envelope import sign_envelope
 from protocol.keys import generate_private_key, key_id, public_key_b64, read_private_key, write_private_key
+from protocol.request_auth import sign_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +92,25 @@ def enroll(
 ROTATION_PAYLOAD_TYPE = "application/vnd.tianping.key-rotation.v1+json"  # = verifier.enroll.ROTATION_PAYLOAD_TYPE
 
 
-def _current_key_id(url: str, agent_id: str, timeout_s: float) -> str | None:
-    resp = httpx.get(f"{url}/v1/agents/{agent_id}", timeout=timeout_s)
-    if resp.status_code != 200:
-        return None
-    value = resp.json().get("key_id")
+def read_own_record(url: str, agent_id: str, keys: Sequence[Ed25519PrivateKey], *, now: datetime,
+                    timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """The verifier's record of this agent (``GET /v1/agents/{id}``), read with a request signed by the agent's own
+    key (``protocol.request_auth``; no bearer credential needed). ``keys`` are tried in order — the current key,
+    then the one a rotation is replacing — and None is answered when the verifier accepts none of them."""
+    path = f"/v1/agents/{agent_id}"
+    for key in keys:
+        headers = sign_request(key, "GET", path, unix_time=int(now.timestamp()))
+        resp = httpx.get(f"{url}{path}", headers=headers, timeout=timeout_s)
+        if resp.status_code == 200:
+            record: dict[str, Any] = resp.json()
+            return record
+    return None
+
+
+def _current_key_id(url: str, agent_id: str, keys: Sequence[Ed25519PrivateKey], now: datetime,
+                    timeout_s: float) -> str | None:
+    record = read_own_record(url, agent_id, keys, now=now, timeout_s=timeout_s)
+    value = None if record is None else record.get("key_id")
     return value if isinstance(value, str) else None
 
 
@@ -114,7 +132,8 @@ def rotate_key(*, key_path: Path, enrollment_path: Path, now: datetime, timeout_
         write_private_key(new, new_path)
     new_kid = key_id(new.public_key())
     url = enrollment.verifier_url
-    if _current_key_id(url, enrollment.agent_id, timeout_s) != new_kid:
+    # signed by the old key; by the new one when a crashed earlier attempt already had it bound
+    if _current_key_id(url, enrollment.agent_id, (old, new), now, timeout_s) != new_kid:
         payload = canonical_json({"agent_id": enrollment.agent_id, "old_key_id": key_id(old.public_key()),
                                   "new_public_key": public_key_b64(new.public_key()),
                                   "created_at": now.isoformat()})

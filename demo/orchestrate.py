@@ -59,6 +59,7 @@ class Demo:
         self._stack = ExitStack()
         self.plant_state: dict[str, Any] = {}
         self.node_truth: dict[str, Any] = {}
+        self.official_credential: str | None = None  # issue 5: reads the verdicts over HTTP
 
     # --- processes -------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -317,8 +318,15 @@ class Demo:
         return self.run(*argv, capture=True)
 
     def eligibility(self, applicant: str, year: int) -> dict[str, Any]:
+        """The verdict over HTTP, read with an official's read credential (issued once, on first use)."""
+        if self.official_credential is None:
+            self.official_credential = self.run(
+                _tool("tianping-verifier"), "--db", self.db_url, "credential", "issue", "--official",
+                "--name", "demo official", capture=True,
+            ).strip()
         resp = httpx.get(
-            f"{self.verifier_url}/v1/applicants/{applicant}/eligibility", params={"year": year}, timeout=30
+            f"{self.verifier_url}/v1/applicants/{applicant}/eligibility", params={"year": year}, timeout=30,
+            headers={"Authorization": f"Bearer {self.official_credential}"},
         )
         resp.raise_for_status()
         result: dict[str, Any] = resp.json()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from protocol.errors import ProtocolError
 
 ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"
@@ -18,6 +20,7 @@ def check_character(body: str) -> str:
     return ALPHABET[(31 - total % 31) % 31]
 
 
+@functools.lru_cache(maxsize=1 << 16)  # reports name the same enterprises over and over; refusals are not cached
 def validate_uscc(code: str) -> str:
     """Return the code if it is a well-formed USCC with a correct check character; raise UsccInvalid otherwise."""
     if len(code) != LENGTH:

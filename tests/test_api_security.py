@@ -110,7 +110,7 @@ def test_an_agent_of_one_applicant_cannot_write_for_another(tmp_path: Path) -> N
                          start=theirs.start, end=theirs.start + timedelta(hours=1))
         r = v.post(sign_payload(forged, mine.key))
         assert r.status_code == 403 and r.json()["error"]["code"] == "key_agent_mismatch"
-        assert v.client.get(f"/v1/agents/{theirs.agent_id}").json()["next_seq"] == 1
+        assert v.client.get(f"/v1/agents/{theirs.agent_id}", headers=v.admin).json()["next_seq"] == 1
 
 
 def _fuzz(operation: Any, mode: Any, base_url: str, calls: dict[str, int], failures: list[str]) -> None:

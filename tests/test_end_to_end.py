@@ -50,7 +50,8 @@ def test_verifier_counts_equal_the_simulators_ground_truth(tmp_path: Path) -> No
                 demo.run(_tool("tianping-agent"), "status", "--config", str(cfg), "--json", capture=True)
             )
             assert status["outbox_depth"] == 0
-            remote = httpx.get(f"{demo.verifier_url}/v1/agents/{status['agent_id']}", timeout=10).json()
+            remote = httpx.get(f"{demo.verifier_url}/v1/agents/{status['agent_id']}", timeout=10,
+                               headers={"Authorization": f"Bearer {demo.official_credential}"}).json()
             assert remote["next_seq"] == status["next_seq"]
 
         table = demo.verdict(2025, lang="both")

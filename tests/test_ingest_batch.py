@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from protocol.envelope import envelope_hash
 from protocol.keys import generate_private_key
@@ -20,6 +20,7 @@ from tests.test_verifier_core import NOW, AgentSim, bucket, device, uscc
 from verifier.checkpoints import ensure_note_key
 from verifier.db import (
     agents,
+    checkpoints,
     device_aliases,
     device_days,
     entries,
@@ -219,7 +220,7 @@ def test_batch_endpoint_answers_each_line_as_if_posted_alone(tmp_path: Path) -> 
         assert results[2]["receipt"] == results[0]["receipt"]  # the replay gets the first receipt
         assert [x["receipt"]["seq"] for x in results if x["status"] == 201] == list(range(1, 35))
         assert v.stored()[0].size == 34
-        assert v.client.get(f"/v1/agents/{a.agent_id}").json()["next_seq"] == 35
+        assert v.client.get(f"/v1/agents/{a.agent_id}", headers=v.admin).json()["next_seq"] == 35
 
 
 def test_batch_endpoint_refusals(tmp_path: Path) -> None:
@@ -253,3 +254,25 @@ def test_batch_endpoint_refusals(tmp_path: Path) -> None:
         assert r.status_code == 200 and statuses.count(429) >= 2 and statuses[0] == 201, statuses
         limited = next(x for x in r.json()["results"] if x["status"] == 429)
         assert limited["error"]["code"] == "rate_limited" and limited["error"]["retry_after_s"] >= 1
+
+
+def test_the_last_reports_before_a_quiet_spell_get_a_signed_checkpoint(tmp_path: Path) -> None:
+    """Checkpoints are due every N entries or every N seconds: with no report after the last ones, the timer
+    signs a checkpoint that covers them (and the next one stays consistent with it)."""
+    import time
+
+    from tests.test_verifier_api import running_verifier
+
+    with running_verifier(tmp_path, checkpoint_every_s=0.2, checkpoint_every_entries=1000) as v:
+        a = v.enroll()
+        for _ in range(3):
+            v.deliver(a)
+        size = v.client.get("/healthz").json()["ledger_size"]
+        v.clock.now = v.clock.now + timedelta(seconds=1)  # the app's clock: the schedule's seconds have passed
+        deadline = time.monotonic() + 10
+        signed = 0
+        while time.monotonic() < deadline and signed < 4:  # read the store: asking the API would sign on demand
+            time.sleep(0.1)
+            with v.engine.connect() as conn:
+                signed = conn.execute(select(func.max(checkpoints.c.size))).scalar() or 0
+        assert size == 3 and signed == 4  # 3 reports and the enrollment's key event: all covered

@@ -76,7 +76,7 @@ def test_rotation_signed_by_another_key_is_refused_and_changes_nothing(tmp_path:
         r = v.client.post(f"/v1/agents/{sim.agent_id}/rotate", headers={"Content-Type": "application/json"},
                           content=sign_envelope(body, sim.key, payload_type=ROTATION_PAYLOAD_TYPE))
         assert r.status_code == 403 and r.json()["error"]["code"] == "key_agent_mismatch"
-        assert v.client.get(f"/v1/agents/{sim.agent_id}").json()["key_id"] == sim.kid
+        assert v.client.get(f"/v1/agents/{sim.agent_id}", headers=v.admin).json()["key_id"] == sim.kid
         assert [e["event"] for e in _key_events(v)] == ["enroll"]
         v.deliver(sim)  # the old key still works
 

@@ -73,7 +73,8 @@ async def test_a_node_that_samples_under_a_salt_of_its_own_is_flagged(tmp_path: 
         assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
         cfg.write_text(
             cfg.read_text(encoding="utf-8")
-            + f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n',
+            + f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n'
+            + "resolution_sample_log2 = 8\n",  # ~80 samples of the day's ~20,000 lines: never none
             encoding="utf-8",
         )
         config = load_config(cfg)

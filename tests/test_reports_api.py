@@ -64,31 +64,32 @@ def test_gate_is_recorded_by_an_official_and_shown_in_the_verdict(api: Api) -> N
     bad = api.client.post("/v1/applicants/node/gates", headers=ADMIN,
                           json={**body, "metric": "investment_yuan", "value": "1e6"})
     assert bad.status_code == 422 and "expected a decimal such as" in bad.json()["error"]["message"]
-    assert api.client.get("/v1/applicants/node/gates").json()["records"][0]["document_ref"] == "嘉经信〔2026〕1号"
-    verdict = api.client.get("/v1/applicants/node/eligibility", params={"year": 2025}).json()
+    gates = api.client.get("/v1/applicants/node/gates", headers=ADMIN).json()
+    assert gates["records"][0]["document_ref"] == "嘉经信〔2026〕1号"
+    verdict = api.client.get("/v1/applicants/node/eligibility", params={"year": 2025}, headers=ADMIN).json()
     gate = next(c for c in verdict["criteria"] if c["kind"] == "gate")
     assert gate["passed"] is True
     assert verdict["criteria_detail"][gate["id"]]["recorded"][0]["recorded_by"] == "王科长"
 
 
 def test_on_demand_under_another_citys_rules(api: Api) -> None:
-    r = api.client.get("/v1/applicants/node/evaluate", params={"year": 2025, "policy": "wuhan-2023"})
+    r = api.client.get("/v1/applicants/node/evaluate", params={"year": 2025, "policy": "wuhan-2023"}, headers=ADMIN)
     assert r.status_code == 200, r.text
     v = r.json()
     assert v["policy"]["id"] == "wuhan-2023"
     assert next(c for c in v["criteria"] if c["id"] == "wh-node-daily-resolutions-600k")["passed"] is True
     assert v["evidence"]["ledger_size"] == 0
-    r2 = api.client.get("/v1/applicants/node/evaluate", params={"year": 2025, "policy": "paris-2030"})
+    r2 = api.client.get("/v1/applicants/node/evaluate", params={"year": 2025, "policy": "paris-2030"}, headers=ADMIN)
     assert r2.status_code == 422 and "expected one of" in r2.json()["error"]["message"]
 
 
 def test_annual_run_stores_a_signed_evaluation(api: Api) -> None:
-    assert api.client.get("/v1/applicants/plat/evaluations/2025").status_code == 404
+    assert api.client.get("/v1/applicants/plat/evaluations/2025", headers=ADMIN).status_code == 404
     r = api.client.post("/v1/admin/annual/run", params={"year": 2025}, headers=ADMIN)
     assert r.status_code == 200 and sorted(r.json()["created"]) == ["node", "plat"]
     again = api.client.post("/v1/admin/annual/run", params={"year": 2025}, headers=ADMIN).json()
     assert again["created"] == [] and sorted(again["existing"]) == ["node", "plat"]
-    stored = api.client.get("/v1/applicants/plat/evaluations/2025").json()
+    stored = api.client.get("/v1/applicants/plat/evaluations/2025", headers=ADMIN).json()
     public = signing_key(make_engine(api.db_url)).public_key()
     opened = open_envelope(base64.b64decode(stored["envelope"]), {key_id(public): public},
                            payload_type=EVALUATION_PAYLOAD_TYPE)
@@ -96,22 +97,22 @@ def test_annual_run_stores_a_signed_evaluation(api: Api) -> None:
 
 
 def test_reports_in_every_format_equal_the_api(api: Api) -> None:
-    verdict = api.client.get("/v1/applicants/plat/eligibility", params={"year": 2025}).json()
-    rep = api.client.get("/v1/applicants/plat/reports/2025.json").json()
+    verdict = api.client.get("/v1/applicants/plat/eligibility", params={"year": 2025}, headers=ADMIN).json()
+    rep = api.client.get("/v1/applicants/plat/reports/2025.json", headers=ADMIN).json()
     assert [(s["id"], s["value"]) for s in rep["summary"]] == [(c["id"], c["value"]) for c in verdict["criteria"]]
     assert rep["beside"] == verdict["beside"] and rep["total_payable_yuan"] == verdict["total_payable_yuan"]
-    x = api.client.get("/v1/applicants/plat/reports/2025.xlsx")
+    x = api.client.get("/v1/applicants/plat/reports/2025.xlsx", headers=ADMIN)
     assert x.headers["content-type"].startswith("application/vnd.openxmlformats")
     wb = load_workbook(io.BytesIO(x.content))
     devices = list(wb["设备清单"].iter_rows(min_row=2, values_only=True))
     assert sum(num(r[6]) for r in devices) == verdict["beside"]["active_device_days"]
-    c = api.client.get("/v1/applicants/plat/reports/2025.csv", params={"table": "enterprises"})
+    c = api.client.get("/v1/applicants/plat/reports/2025.csv", params={"table": "enterprises"}, headers=ADMIN)
     rows = list(csv.DictReader(io.StringIO(c.content.decode("utf-8-sig"))))
     assert rows[0] == {"uscc": uscc(0), "name": "企业零", "devices": "2", "connected_devices": "2",
                        "active_device_days": "90"} and len(rows) == 3
-    p = api.client.get("/v1/applicants/plat/reports/2025.pdf", params={"lang": "en"})
+    p = api.client.get("/v1/applicants/plat/reports/2025.pdf", params={"lang": "en"}, headers=ADMIN)
     assert p.status_code == 200 and p.content.startswith(b"%PDF")
-    bad = api.client.get("/v1/applicants/plat/reports/2025.docx")
+    bad = api.client.get("/v1/applicants/plat/reports/2025.docx", headers=ADMIN)
     assert bad.status_code == 422 and "expected YEAR.{json,csv,xlsx,pdf}" in bad.json()["error"]["message"]
 
 

@@ -144,7 +144,7 @@ def test_enroll_answers_agent_binding_and_fingerprint_key(verifier: Harness) -> 
     assert len(base64.b64decode(body["fingerprint_key"])) == 32
     salt = base64.b64decode(body["resolution_salt"])  # the agent's own sampling salt, not the deployment's key
     assert len(salt) == 32 and salt != base64.b64decode(body["fingerprint_key"])
-    agent = verifier.client.get(f"/v1/agents/{body['agent_id']}").json()
+    agent = verifier.client.get(f"/v1/agents/{body['agent_id']}", headers=verifier.admin).json()
     assert agent == {"agent_id": body["agent_id"], "applicant_id": "plat-1", "key_id": body["key_id"],
                      "next_seq": 1, "last_hash": "0" * 64, "last_report_at": None, "revoked": False}
 
@@ -165,7 +165,7 @@ def test_reports_get_receipts_and_advance_the_agent(verifier: Harness) -> None:
     assert (receipt["index"], receipt["seq"], receipt["late"]) == (before, 1, False)
     second = verifier.deliver(a)
     assert second["index"] == before + 1 and second["seq"] == 2
-    agent = verifier.client.get(f"/v1/agents/{a.agent_id}").json()
+    agent = verifier.client.get(f"/v1/agents/{a.agent_id}", headers=verifier.admin).json()
     assert (agent["next_seq"], agent["last_hash"]) == (3, a.prev_hash)
     assert datetime.fromisoformat(agent["last_report_at"]) == NOW
     health = verifier.client.get("/healthz").json()
@@ -180,7 +180,7 @@ def test_revoked_agent_is_refused(verifier: Harness) -> None:
     before = verifier.stored()
     _error(verifier.post(a.next_envelope()), 403, "agent_revoked")
     assert verifier.stored() == before
-    assert verifier.client.get(f"/v1/agents/{a.agent_id}").json()["revoked"] is True
+    assert verifier.client.get(f"/v1/agents/{a.agent_id}", headers=verifier.admin).json()["revoked"] is True
 
 
 def test_transport_refusals(verifier: Harness) -> None:
@@ -228,7 +228,7 @@ def test_eligibility_from_ingested_facts_and_cli_prints_the_same(verifier: Harne
         start = a.start
         verifier.deliver(a, devices=[device(n, enterprise=e, start=start) for n, e in devs]
                          + [device("once", enterprise=uscc(2), start=start, status="active" if day else "reachable")])
-    r = verifier.client.get("/v1/applicants/plat-1/eligibility", params={"year": 2025})
+    r = verifier.client.get("/v1/applicants/plat-1/eligibility", params={"year": 2025}, headers=verifier.admin)
     assert r.status_code == 200, r.text
     verdict = r.json()
     assert verdict["applicant"] == {"id": "plat-1", "name": "示范平台", "kind": "platform"}
@@ -244,10 +244,12 @@ def test_eligibility_from_ingested_facts_and_cli_prints_the_same(verifier: Harne
     assert [aw["amount_yuan"] for aw in verdict["awards"]] == ["3000000", "1500000", "1000000"]
     assert verdict["beside"]["registered_devices"] >= 4 and verdict["beside"]["active_device_days"] >= 7
 
-    node = verifier.client.get("/v1/applicants/node-1/eligibility", params={"year": 2025}).json()
+    node = verifier.client.get("/v1/applicants/node-1/eligibility", params={"year": 2025},
+                               headers=verifier.admin).json()
     gate = next(c for c in node["criteria"] if c["kind"] == "gate")
     assert (gate["value"], gate["passed"], gate["measure"]) == (None, None, 2)
-    _error(verifier.client.get("/v1/applicants/ghost/eligibility", params={"year": 2025}), 404, "applicant_unknown")
+    _error(verifier.client.get("/v1/applicants/ghost/eligibility", params={"year": 2025}, headers=verifier.admin),
+           404, "applicant_unknown")
 
     code = main(["--db", verifier.db_url, "check", "--year", "2025", "--applicant", "plat-1", "--json",
                  "--rules", str(verifier.rules_path), "--as-of", NOW.date().isoformat()])

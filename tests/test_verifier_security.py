@@ -66,7 +66,7 @@ def test_report_with_one_byte_changed_is_refused(verifier: Harness) -> None:
     before = verifier.stored()
     _refused(verifier.post(tampered), 403, "signature_invalid")
     assert verifier.stored() == before
-    assert verifier.client.get(f"/v1/agents/{a.agent_id}").json()["next_seq"] == 2
+    assert verifier.client.get(f"/v1/agents/{a.agent_id}", headers=verifier.admin).json()["next_seq"] == 2
     assert verifier.post(env).status_code == 201  # the untouched report still goes in
 
 
@@ -131,7 +131,7 @@ def test_report_with_unknown_field_is_refused(verifier: Harness) -> None:
     err = _refused(verifier.post(sign_payload(body, a.key)), 422, "schema_invalid")
     assert "bonus_devices: unknown field" in err["message"]
     assert verifier.stored() == before
-    assert verifier.client.get(f"/v1/agents/{a.agent_id}").json()["next_seq"] == 1
+    assert verifier.client.get(f"/v1/agents/{a.agent_id}", headers=verifier.admin).json()["next_seq"] == 1
 
 
 def test_equivocation_keeps_evidence(verifier: Harness) -> None:
@@ -181,7 +181,7 @@ def test_other_agents_key_cannot_sign_for_agent(verifier: Harness) -> None:
     forged = sign_envelope(canonical_json(claimed), attacker.key).replace(attacker.kid.encode(), victim.kid.encode())
     _refused(verifier.post(forged), 403, "signature_invalid")
     assert verifier.stored() == before
-    assert verifier.client.get(f"/v1/agents/{victim.agent_id}").json()["next_seq"] == 2
+    assert verifier.client.get(f"/v1/agents/{victim.agent_id}", headers=verifier.admin).json()["next_seq"] == 2
 
 
 def test_enrollment_with_malformed_public_key_is_refused(verifier: Harness) -> None:

@@ -35,6 +35,7 @@ from protocol.envelope import MAX_ENVELOPE_BYTES
 from protocol.errors import ProtocolError, TooLarge
 from verifier.checkpoints import CheckpointSchedule, ensure_note_key
 from verifier.core import DEFAULT_FUTURE_SKEW, DEFAULT_LATE_AFTER
+from verifier.credentials import ReadGuard, issue_credential, revoke_credential
 from verifier.db import agents, db_url_from_env, fingerprint_key, make_engine
 from verifier.enroll import add_applicant, add_enterprise, enroll_agent, issue_token, revoke_agent
 from verifier.errors import (
@@ -135,6 +136,15 @@ class RevokeRequest(_Body):
     reason: Annotated[str, Field(max_length=500)] = ""
 
 
+class CredentialRequest(_Body):
+    """A read credential: ``role`` "applicant" with its ``applicant_id``, or "official" (every applicant) with none."""
+
+    applicant_id: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    role: Annotated[str, Field(pattern=r"^(applicant|official)$")]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    ttl_s: Annotated[int | None, Field(ge=1, le=5 * 366 * 24 * 3600)] = None
+
+
 def _error_response(exc: VerifierError | ProtocolError) -> JSONResponse:
     status, body = error_body(exc)
     return JSONResponse(status_code=status, content=body)
@@ -217,6 +227,10 @@ def create_app(settings: VerifierSettings) -> FastAPI:
             raise AdminUnauthorized("Authorization: expected 'Bearer <admin token>', got a missing or wrong token")
 
     admin = [Depends(require_admin)]
+    # issue 5: the read routes need the admin token, an official's credential or the applicant's own (or, for an
+    # agent's record, a request signed by that agent's key): verifier.credentials
+    guard = ReadGuard(engine, admin_token=settings.admin_token, clock=settings.clock)
+    read_applicant = [Depends(guard.applicant)]
     # issue 5: the Merkle ledger's routes, checkpoints signed on a schedule, a per-agent rate limit
     ensure_note_key(engine)
     schedule = CheckpointSchedule(every_s=settings.checkpoint_every_s, every_entries=settings.checkpoint_every_entries)
@@ -229,13 +243,14 @@ def create_app(settings: VerifierSettings) -> FastAPI:
     writer = GroupCommitWriter(engine, lock=write_lock, clock=settings.clock,
                                after_commit=lambda: schedule.maybe_sign(engine, now=settings.clock()),
                                max_bytes=settings.max_report_bytes, future_skew=future_skew, late_after=late_after,
-                               pool=VerifyPool(workers))
+                               pool=VerifyPool(workers), tick_s=settings.checkpoint_every_s)
     app.state.writer = writer
     app.include_router(agent_key_router(engine, clock=settings.clock, write_lock=write_lock, admin=admin))
     # issue 6: officials' gates and figures, on-demand and signed annual evaluations, reports
     from verifier.reports.routes import officials_router
 
-    app.include_router(officials_router(engine, policy, clock=settings.clock, write_lock=write_lock, admin=admin))
+    app.include_router(officials_router(engine, policy, clock=settings.clock, write_lock=write_lock, admin=admin,
+                                        reader=read_applicant))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -315,7 +330,7 @@ def create_app(settings: VerifierSettings) -> FastAPI:
                                              if a is not None and a["status"] == 429))
         return JSONResponse(status_code=status, content={"results": answers}, headers=headers)
 
-    @app.get("/v1/agents/{agent_id}")
+    @app.get("/v1/agents/{agent_id}", dependencies=[Depends(guard.agent)])
     async def get_agent(agent_id: str) -> dict[str, Any]:
         def read() -> dict[str, Any]:
             with engine.connect() as conn:
@@ -329,14 +344,14 @@ def create_app(settings: VerifierSettings) -> FastAPI:
 
         return await run_in_threadpool(read)
 
-    @app.get("/v1/applicants/{applicant_id}/eligibility")
+    @app.get("/v1/applicants/{applicant_id}/eligibility", dependencies=read_applicant)
     async def eligibility(applicant_id: str,
                           year: Annotated[int, Query(ge=2000, le=2100)]) -> dict[str, Any]:
         as_of = shanghai_day(settings.clock())
         verdict = await run_in_threadpool(lambda: applicant_verdict(engine, policy, applicant_id, year, as_of=as_of))
         return verdict.to_json()
 
-    @app.get("/v1/applicants/{applicant_id}/resolution-days")
+    @app.get("/v1/applicants/{applicant_id}/resolution-days", dependencies=read_applicant)
     async def resolution_days_evidence(applicant_id: str,
                                        year: Annotated[int, Query(ge=2000, le=2100)]) -> dict[str, Any]:
         """Measure 2 evidence per agent and day: distinct identifiers and clients, gaps, anomaly flags (issue 4)."""
@@ -376,6 +391,23 @@ def create_app(settings: VerifierSettings) -> FastAPI:
             await run_in_threadpool(lambda: revoke_agent(engine, agent_id=agent_id, now=settings.clock(),
                                                          reason=body.reason))
         return {"agent_id": agent_id, "revoked": True}
+
+    # issue 5: read credentials (bearer tokens shown once; verifier.credentials)
+    @app.post("/v1/admin/credentials", status_code=201, dependencies=admin)
+    async def admin_issue_credential(body: CredentialRequest) -> JSONResponse:
+        ttl = timedelta(seconds=body.ttl_s) if body.ttl_s is not None else None
+        async with write_lock:
+            issued = await run_in_threadpool(
+                lambda: issue_credential(engine, role=body.role, applicant_id=body.applicant_id, name=body.name,
+                                         now=settings.clock(), ttl=ttl))
+        return JSONResponse(status_code=201, content=issued.to_json())
+
+    @app.post("/v1/admin/credentials/{credential_id}/revoke", dependencies=admin)
+    async def admin_revoke_credential(credential_id: str) -> dict[str, Any]:
+        async with write_lock:
+            revoked = await run_in_threadpool(
+                lambda: revoke_credential(engine, credential_id=credential_id, now=settings.clock()))
+        return revoked.to_json()
 
     # ---- issue 7: officials' web console (/console), Prometheus metrics (/metrics), InfluxDB facts (optional) -----
     from verifier.metrics import install_metrics

@@ -5,6 +5,9 @@
     tianping-verifier [--db URL] enterprise add --applicant ID --uscc USCC --name NAME
     tianping-verifier [--db URL] token issue --applicant ID [--enterprise USCC] [--ttl-s N]
     tianping-verifier [--db URL] agent revoke --agent AGENT_ID [--reason TEXT]
+    tianping-verifier [--db URL] credential issue (--applicant ID | --official) --name NAME [--ttl-s N]
+    tianping-verifier [--db URL] credential revoke (--id ID | --token-stdin)
+    tianping-verifier [--db URL] credential list
     tianping-verifier [--db URL] serve [--host 127.0.0.1] [--port 8700] [--rules PATH]
     tianping-verifier [--db URL] check --year Y [--applicant ID] [--lang zh|en|both] [--json] [--rules PATH]
                                        [--as-of YYYY-MM-DD]
@@ -74,6 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     g_revoke = agent.add_parser("revoke", help="revoke an agent: its reports are refused from now on")
     g_revoke.add_argument("--agent", required=True)
     g_revoke.add_argument("--reason", default="")
+
+    # issue 5: read credentials of the JSON API (bearer tokens, shown once)
+    credential = sub.add_parser("credential", help="read credentials of the HTTP API").add_subparsers(
+        dest="action", required=True)
+    c_issue = credential.add_parser("issue", help="issue a read credential (the token, printed alone on stdout, "
+                                                  "is shown only this once)")
+    c_whose = c_issue.add_mutually_exclusive_group(required=True)
+    c_whose.add_argument("--applicant", help="reads this applicant's data only (its own staff and tools)")
+    c_whose.add_argument("--official", action="store_true", help="reads every applicant's data (officials)")
+    c_issue.add_argument("--name", required=True, help="whose credential it is, shown in `credential list`")
+    c_issue.add_argument("--ttl-s", type=int, help="expires after this many seconds (default: until revoked)")
+    c_revoke = credential.add_parser("revoke", help="revoke a read credential: refused from now on")
+    c_which = c_revoke.add_mutually_exclusive_group(required=True)
+    c_which.add_argument("--id", help="the credential's id (see `credential list`)")
+    c_which.add_argument("--token-stdin", action="store_true",
+                         help="the token itself, read from the first line of stdin (a token found where it should "
+                              "not be)")
+    credential.add_parser("list", help="every read credential, one JSON object a line (never the tokens)")
 
     serve = sub.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
@@ -218,6 +239,9 @@ def _run(args: argparse.Namespace) -> int:
                                                              uscc=args.uscc, name=args.name, now=_now())),
         ("token", "issue"): lambda: _print_token(db_url, args),
         ("agent", "revoke"): lambda: _revoke(db_url, args),
+        ("credential", "issue"): lambda: _issue_credential(db_url, args),  # issue 5
+        ("credential", "revoke"): lambda: _revoke_credential(db_url, args),
+        ("credential", "list"): lambda: _list_credentials(db_url),
         ("serve", None): lambda: _cmd_serve(args, db_url),
         ("check", None): lambda: _cmd_check(args, db_url),
         ("checkpoint", None): lambda: _print(sign_now(make_engine(db_url), _now())),
@@ -252,6 +276,38 @@ def _print_token(db_url: str, args: argparse.Namespace) -> int:
                          ttl=timedelta(seconds=args.ttl_s))
     sys.stdout.write(issued.token + "\n")
     sys.stderr.write(f"expires at {issued.expires_at.isoformat()}\n")
+    return 0
+
+
+def _issue_credential(db_url: str, args: argparse.Namespace) -> int:
+    """issue 5: the token alone on stdout (shown only now), what it is on stderr."""
+    from verifier.credentials import issue_credential
+
+    issued = issue_credential(make_engine(db_url), role="official" if args.official else "applicant",
+                              applicant_id=args.applicant, name=args.name, now=_now(),
+                              ttl=timedelta(seconds=args.ttl_s) if args.ttl_s is not None else None)
+    cred = issued.credential
+    sys.stdout.write(issued.token + "\n")
+    expires = cred.expires_at.isoformat() if cred.expires_at else "never (until revoked)"
+    sys.stderr.write(f"credential {cred.id} ({cred.role}, {cred.applicant_id or 'every applicant'}), "
+                     f"expires {expires}\n")
+    return 0
+
+
+def _revoke_credential(db_url: str, args: argparse.Namespace) -> int:
+    from verifier.credentials import revoke_credential
+
+    token = sys.stdin.readline().strip() if args.token_stdin else None
+    revoked = revoke_credential(make_engine(db_url), credential_id=args.id, token=token, now=_now())
+    return _print(revoked.to_json())
+
+
+def _list_credentials(db_url: str) -> int:
+    from verifier.credentials import list_credentials
+
+    with make_engine(db_url).connect() as conn:
+        for cred in list_credentials(conn):
+            _print(cred.to_json())
     return 0
 
 

@@ -386,3 +386,18 @@ evaluations = Table(  # exactly one per (applicant, year, policy): the annual ch
 # of millions of rows): 4.4 million device-days in about 2 s on SQLite instead of about 6.5 s.
 device_days_by_fp = Index("ix_device_days_by_fp", device_days.c.applicant_id, device_days.c.fp, device_days.c.day,
                           device_days.c.status_rank, device_days.c.enterprise, device_days.c.protocols)
+
+
+# ---- issue 5: read credentials (bearer tokens for the JSON API's read routes; verifier.credentials) -------------
+api_credentials = Table(
+    "api_credentials",
+    metadata,
+    Column("id", String(32), primary_key=True),  # public id: shown in lists, named to revoke
+    Column("token_sha256", String(64), nullable=False, unique=True),  # the token itself is shown once, never stored
+    Column("role", String(16), nullable=False),  # "applicant" | "official"
+    Column("applicant_id", String(64), ForeignKey("applicants.id"), nullable=True),  # set iff role = applicant
+    Column("name", String(200), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=True),  # NULL: until revoked
+    Column("revoked_at", UtcDateTime, nullable=True),
+)

@@ -129,6 +129,30 @@ class NotInitialized(VerifierError):
     code = "not_initialized"
 
 
+# --- read credentials (issue 5): who may read an applicant's data -------------------------------------------------
+class CredentialRequired(VerifierError):
+    code = "credential_required"
+
+
+class CredentialInvalid(VerifierError):
+    """Unknown, revoked or expired: the request is not authenticated (401)."""
+
+    code = "credential_invalid"
+
+
+class CredentialForbidden(VerifierError):
+    """Authenticated, but not for this applicant (403) — also when the applicant does not exist, so that an
+    applicant's credential cannot tell which other applicants there are."""
+
+    code = "credential_forbidden"
+
+
+class CredentialUnknown(VerifierError):
+    """An admin action named a credential id that does not exist (404)."""
+
+    code = "credential_unknown"
+
+
 class RuleFileInvalid(VerifierError):
     code = "rule_file_invalid"
 
@@ -194,6 +218,17 @@ ERRORS: dict[str, ErrorText] = {
     "not_initialized": ErrorText(503, "数据库尚未初始化：请先运行 tianping-verifier init",
                                  "The database is not initialized: run tianping-verifier init first"),
     "rule_file_invalid": ErrorText(500, "规则文件无效", "The rule file is invalid"),
+    # read credentials (issue 5)
+    "credential_required": ErrorText(401, "需要访问凭据：请发送 'Authorization: Bearer <凭据>'",
+                                     "A credential is required: send 'Authorization: Bearer <credential>'"),
+    "credential_invalid": ErrorText(401, "访问凭据无效、已吊销或已过期",
+                                    "The credential is not known, was revoked or has expired"),
+    "credential_forbidden": ErrorText(403, "该访问凭据无权读取此申报主体的数据",
+                                      "This credential does not give access to this applicant's data"),
+    "credential_unknown": ErrorText(404, "访问凭据不存在", "The credential is not known"),
+    "request_signature_invalid": ErrorText(401, "代理请求签名无效、过旧或已被使用",
+                                           "The agent's request signature is malformed, too old, already used or "
+                                           "does not verify"),
     "verifier_error": ErrorText(500, "验证服务内部错误", "Internal verifier error"),
     "internal_error": ErrorText(500, "验证服务内部错误", "Internal verifier error"),
 }

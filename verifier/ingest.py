@@ -466,8 +466,10 @@ class GroupCommitWriter:
     def __init__(self, engine: Engine, *, lock: asyncio.Lock, clock: Callable[[], datetime],
                  after_commit: Callable[[], object] | None = None, max_batch: int = 1000,
                  max_bytes: int = MAX_ENVELOPE_BYTES, future_skew: timedelta = DEFAULT_FUTURE_SKEW,
-                 late_after: timedelta = DEFAULT_LATE_AFTER, pool: VerifyPool | None = None) -> None:
+                 late_after: timedelta = DEFAULT_LATE_AFTER, pool: VerifyPool | None = None,
+                 tick_s: float | None = None) -> None:
         self._engine, self._lock, self._clock, self._after = engine, lock, clock, after_commit
+        self._tick_s = tick_s
         self._max_batch, self._max_bytes, self._pool = max_batch, max_bytes, pool
         self._future_skew, self._late_after = future_skew, late_after
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -492,9 +494,20 @@ class GroupCommitWriter:
             opened: asyncio.Queue[_Opening] = asyncio.Queue(maxsize=1)
             self._tasks = [asyncio.create_task(self._open_loop(self._queue, opened), name="group-commit-open"),
                            asyncio.create_task(self._write_loop(opened), name="group-commit-write")]
+            if self._after is not None and self._tick_s is not None:
+                self._tasks.append(asyncio.create_task(self._tick(self._after, self._tick_s), name="checkpoint-tick"))
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(envelopes, future))
         return await future
+
+    async def _tick(self, step: Callable[[], object], every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                async with self._lock:
+                    await asyncio.to_thread(step)
+            except Exception:
+                log.critical("the timed checkpoint step failed", exc_info=True)
 
     async def _open_loop(self, queue: asyncio.Queue[_Pending], opened: asyncio.Queue[_Opening]) -> None:
         while True:

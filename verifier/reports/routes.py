@@ -7,6 +7,8 @@ and stored (signed) evaluations, the annual run, and reports.
     GET  /v1/applicants/{id}/evaluations/{year}    the stored annual evaluation with its signed envelope
     POST /v1/admin/annual/run?year=Y               (admin) the annual check for one year, now (idempotent)
     GET  /v1/applicants/{id}/reports/{year}.{pdf,xlsx,csv,json}[?lang=zh|en][&table=summary|awards|devices|…]
+
+Every GET needs the applicant's own read credential, an official's, or the admin token (issue 5).
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def policy_named(default: Policy, name: str | None) -> Policy:
 
 
 def officials_router(engine: Engine, policy: Policy, *, clock: Callable[[], datetime], write_lock: asyncio.Lock,
-                     admin: list[Any], annual: AnnualSettings | None = None) -> APIRouter:
+                     admin: list[Any], reader: list[Any] | None = None,
+                     annual: AnnualSettings | None = None) -> APIRouter:
+    """``reader``: the dependencies of the read routes (issue 5: ``verifier.credentials.ReadGuard.applicant``)."""
     router = APIRouter(tags=["officials"])
+    reader = reader if reader is not None else admin
 
     @router.post("/v1/applicants/{applicant_id}/gates", status_code=201, dependencies=admin)
     async def post_gate(applicant_id: str, body: GateRequest) -> JSONResponse:
@@ -73,7 +78,7 @@ def officials_router(engine: Engine, policy: Policy, *, clock: Callable[[], date
                 item=body.item, note=body.note))
         return JSONResponse(status_code=201, content=rec.to_json())
 
-    @router.get("/v1/applicants/{applicant_id}/gates")
+    @router.get("/v1/applicants/{applicant_id}/gates", dependencies=reader)
     async def get_gates(applicant_id: str) -> dict[str, Any]:
         def read() -> dict[str, Any]:
             with engine.connect() as conn:
@@ -83,7 +88,7 @@ def officials_router(engine: Engine, policy: Policy, *, clock: Callable[[], date
 
         return await run_in_threadpool(read)
 
-    @router.get("/v1/applicants/{applicant_id}/evaluate")
+    @router.get("/v1/applicants/{applicant_id}/evaluate", dependencies=reader)
     async def evaluate_now(applicant_id: str, year: Annotated[int, Query(ge=2000, le=2100)],
                            as_of: date | None = None, policy_id: Annotated[str | None, Query(alias="policy")] = None
                            ) -> dict[str, Any]:
@@ -92,7 +97,7 @@ def officials_router(engine: Engine, policy: Policy, *, clock: Callable[[], date
         verdict = await run_in_threadpool(lambda: on_demand(engine, pol, applicant_id, year, as_of=end))
         return verdict.to_json()
 
-    @router.get("/v1/applicants/{applicant_id}/evaluations/{year}")
+    @router.get("/v1/applicants/{applicant_id}/evaluations/{year}", dependencies=reader)
     async def stored_evaluation(applicant_id: str, year: int) -> dict[str, Any]:
         def read() -> dict[str, Any]:
             with engine.connect() as conn:
@@ -111,7 +116,7 @@ def officials_router(engine: Engine, policy: Policy, *, clock: Callable[[], date
             run = await run_in_threadpool(lambda: run_annual(engine, policy, year, now=clock(), settings=annual))
         return run.to_json()
 
-    @router.get("/v1/applicants/{applicant_id}/reports/{name}")
+    @router.get("/v1/applicants/{applicant_id}/reports/{name}", dependencies=reader)
     async def report(applicant_id: str, name: str, lang: Annotated[str, Query(pattern=r"^(zh|en)$")] = "zh",
                      table: str = "summary") -> Response:
         m = _REPORT_NAME.match(name)
