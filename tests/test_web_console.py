@@ -132,13 +132,13 @@ def seed(engine: Engine, days: int = 19) -> dict[str, str]:
 
 
 @contextmanager
-def seeded_console(tmp: Path) -> Iterator[Console]:
+def seeded_console(tmp: Path, admin_token: str | None = ADMIN_TOKEN) -> Iterator[Console]:
     db_url = f"sqlite:///{tmp / 'console.sqlite'}"
     engine = make_engine(db_url)
     init_db(engine)
     agents = seed(engine)
     clock = Clock(NOW)
-    app = create_app(VerifierSettings(db_url=db_url, rules_path=write_test_rules(tmp), admin_token=ADMIN_TOKEN,
+    app = create_app(VerifierSettings(db_url=db_url, rules_path=write_test_rules(tmp), admin_token=admin_token,
                                       clock=clock))
     with serve_in_thread(app, port=free_port()) as base_url:
         yield Console(base_url, engine, clock, agents)
@@ -337,6 +337,17 @@ def test_downloads_give_the_verdict_and_degrade_clearly_when_a_format_is_missing
             assert bundle.content.startswith(b"PK") and "audit-bundle.zip" in bundle.headers["content-disposition"]
         else:
             assert "暂不可下载" in bundle.text
+
+
+def test_downloads_work_on_a_verifier_without_an_admin_token(tmp_path: Path) -> None:
+    """The console reads the reports in process with a token only that process knows, not the admin token (a
+    deployment may run without one); the token opens no admin route."""
+    with seeded_console(tmp_path, admin_token=None) as console, console.client("official1") as c:
+        r = c.get("/console/applicants/plat-1/download/json", params={"year": 2025})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["applicant"]["id"] == "plat-1"
+        assert httpx.get(f"{console.base_url}/v1/applicants/plat-1/eligibility", params={"year": 2025}).status_code \
+            == 401  # from outside, reads still need a credential
 
 
 def test_cli_adds_a_user_reading_the_password_from_stdin(console: Console, monkeypatch: pytest.MonkeyPatch,

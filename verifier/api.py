@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -229,7 +230,11 @@ def create_app(settings: VerifierSettings) -> FastAPI:
     admin = [Depends(require_admin)]
     # issue 5: the read routes need the admin token, an official's credential or the applicant's own (or, for an
     # agent's record, a request signed by that agent's key): verifier.credentials
-    guard = ReadGuard(engine, admin_token=settings.admin_token, clock=settings.clock)
+    # the officials' console reads reports through this app in process; it signs users in itself, so it reads with a
+    # token that exists only in this process (it grants reads, never the admin routes)
+    internal_read_token = secrets.token_urlsafe(32)
+    guard = ReadGuard(engine, admin_token=settings.admin_token, clock=settings.clock,
+                      internal_token=internal_read_token)
     read_applicant = [Depends(guard.applicant)]
     # issue 5: the Merkle ledger's routes, checkpoints signed on a schedule, a per-agent rate limit
     ensure_note_key(engine)
@@ -413,7 +418,7 @@ def create_app(settings: VerifierSettings) -> FastAPI:
     from verifier.metrics import install_metrics
     from verifier.web import mount_console
 
-    mount_console(app, engine=engine, policy=policy, clock=settings.clock, admin_token=settings.admin_token,
+    mount_console(app, engine=engine, policy=policy, clock=settings.clock, read_token=internal_read_token,
                   rules_path=settings.rules_path)
     metrics = install_metrics(app, engine)
     if os.environ.get("TIANPING_INFLUX_URL"):

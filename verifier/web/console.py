@@ -101,7 +101,7 @@ def _lang(request: Request) -> ConsoleLang:
 
 
 def mount_console(app: FastAPI, *, engine: Engine, policy: Policy, clock: Callable[[], Any],
-                  admin_token: str | None = None, rules_path: Path | None = None,
+                  read_token: str | None = None, rules_path: Path | None = None,
                   console: ConsoleSettings | None = None) -> None:
     """Add the console's routes, static files and error pages to the verifier's app."""
     cfg = console or ConsoleSettings.from_env()
@@ -273,7 +273,7 @@ def mount_console(app: FastAPI, *, engine: Engine, policy: Policy, clock: Callab
 
     async def fetch_internal(path: str) -> httpx.Response | None:
         """GET one of the verifier's own API paths (reports, bundles) in process; None when it does not exist."""
-        headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        headers = {"Authorization": f"Bearer {read_token}"} if read_token else {}
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://console.internal", timeout=60) as client:
             response = await client.get(path, headers=headers)
