@@ -6,14 +6,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := mosquitto curl openssl postgresql chromium chromium-driver fonts-noto-cjk fonts-wqy-zenhei poppler-utils victoria-metrics systemd
+DEB_PACKAGES := mosquitto curl openssl libssl-dev gcc postgresql chromium chromium-driver fonts-noto-cjk fonts-wqy-zenhei poppler-utils victoria-metrics systemd
 PYTEST_ARGS ?=
 
 .PHONY: all demo test lint typecheck deps venv clean
 
 all: test
 
-$(STAMP): pyproject.toml
+# deps first (order only): the C scanner of access logs builds against OpenSSL's headers (libssl-dev)
+$(STAMP): pyproject.toml setup.py connectors/resolution/_scan.c | deps
 	@echo "== setting up $(VENV) (Python virtual environment with tianping[dev])"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip

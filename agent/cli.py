@@ -65,9 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("count-logs", help="count resolution log files offline; daily totals as JSON")
     p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--format", default="handle-net")
+    p.add_argument(
+        "--format",
+        default="handle-net",
+        help="handle-net (HANDLE.NET server access log, the default), handle-proxy (its HTTP proxy's log), combined "
+        "(HTTP API access log, NCSA combined format) or json (HTTP API access log, one JSON object per line; "
+        "json:field=key,... names the keys); see connectors/resolution/README.md",
+    )
     p.add_argument("--timezone", default="Asia/Shanghai")
-    p.add_argument("--workers", type=int, default=None, help="processes for plain files (default: one per CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads scanning plain files (processes without the C scanner; default: one per CPU)")
     p.add_argument("--salt-hex", default=None, help="sample evidence lines under this salt (hex), as the agent does")
 
     p = sub.add_parser(

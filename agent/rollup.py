@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 from connectors.base import (
     OP_CREATE,
@@ -32,6 +33,7 @@ from protocol.report import (
     ConnectorStatus,
     DeviceEntry,
     EvidenceSample,
+    RegistrationDay,
     ResolutionCount,
     ResolutionDay,
     ResolutionGap,
@@ -216,6 +218,13 @@ class PeriodRollup:
     resolution_days: dict[str, DayShape] = field(default_factory=dict)
     created_handles: set[str] = field(default_factory=set)
     resolution_gaps: list[tuple[datetime, datetime, str]] = field(default_factory=list)
+    # Registration source (connectors/resolution/registrations.py), when one is configured: its kind, the
+    # period's new registrations per day (distinct), their samples, and the stretches it could not be read.
+    registrations_source: str | None = None
+    registrations: dict[str, set[str]] = field(default_factory=dict)
+    registration_samples: dict[str, list[str]] = field(default_factory=dict)
+    registration_sample_log2: int = 0
+    registration_gaps: list[tuple[datetime, datetime, str]] = field(default_factory=list)
 
     def _valid_enterprise(self, code: str | None) -> str | None:
         """A source that names a malformed USCC does not break the report: the device goes unattributed."""
@@ -265,6 +274,15 @@ class PeriodRollup:
         merge_shapes(self.resolution_days, batch.day_shapes.items())
         self.created_handles.update(batch.created_handles)
         self.resolution_gaps.extend(batch.gaps)
+        regs = getattr(batch, "registrations", None)  # ResolutionBatchWithRegistrations (connector.py)
+        if regs is not None:
+            self.registrations_source = regs.source
+            self.registration_sample_log2 = max(self.registration_sample_log2, regs.sample_log2)
+            for day, got in regs.days.items():
+                self.registrations.setdefault(day, set()).update(got.handles)
+                samples = self.registration_samples.setdefault(day, [])
+                samples.extend(h for h in got.samples if h not in samples)
+            self.registration_gaps.extend(regs.gaps)
 
     def note_health(self, kind: str, source: str, errors: Mapping[str, int]) -> None:
         self.errors[(kind, source)] = dict(errors)
@@ -299,7 +317,24 @@ class PeriodRollup:
             new_identifiers_root=new_identifiers_root(self.created_handles).hex() if self.created_handles else None,
             new_identifiers_count=len(self.created_handles),
             gaps=tuple(ResolutionGap(start=a, end=b, reason=r[:200]) for a, b, r in self.resolution_gaps[:1000]),
+            **self._registration_fields(),
         )
+
+    def _registration_fields(self) -> dict[str, Any]:
+        if self.registrations_source is None:
+            return {}
+        return {
+            "registrations_source": self.registrations_source,
+            "registrations": tuple(
+                RegistrationDay(day=date.fromisoformat(day), registrations=len(handles),
+                                registrations_root=new_identifiers_root(handles).hex(),
+                                sample_log2=self.registration_sample_log2,
+                                samples=tuple(self.registration_samples.get(day, ())[:500]))
+                for day, handles in sorted(self.registrations.items()) if handles
+            ),
+            "registration_gaps": tuple(ResolutionGap(start=a, end=b, reason=r[:200])
+                                       for a, b, r in _merged_gaps(self.registration_gaps)[:1000]),
+        }
 
     def connector_statuses(self) -> tuple[ConnectorStatus, ...]:
         statuses = tuple(
@@ -324,6 +359,17 @@ class PeriodRollup:
             if data:
                 out.append(EvidenceSample(fp=fp, protocol=proto, data=data))  # type: ignore[arg-type]
         return tuple(out)
+
+
+def _merged_gaps(gaps: Sequence[tuple[datetime, datetime, str]]) -> list[tuple[datetime, datetime, str]]:
+    """Consecutive failed polls as one stretch (the reason of the first)."""
+    out: list[tuple[datetime, datetime, str]] = []
+    for a, b, r in sorted(gaps):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b), out[-1][2])
+        else:
+            out.append((a, b, r))
+    return out
 
 
 def _resolution_day(day: str, shape: DayShape) -> ResolutionDay:

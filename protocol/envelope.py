@@ -39,6 +39,16 @@ _ENVELOPE_KEYS = {"payload", "payloadType", "signatures"}
 _PLAIN = re.compile(r"[ !#-\[\]-~]*")
 
 
+_CLAIMED_KEYID = re.compile(rb'"keyid"\s*:\s*"([^"\\]{1,128})"')
+
+
+def claimed_key_id(envelope: bytes) -> str | None:
+    """The key id an envelope names, found without parsing it (unverified: for lookups and rate-limit buckets
+    only; the signature check reads the parsed envelope)."""
+    m = _CLAIMED_KEYID.search(envelope)
+    return None if m is None else m.group(1).decode("utf-8", "replace")
+
+
 def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE pre-authentication encoding."""
     t = payload_type.encode("utf-8")

@@ -130,6 +130,24 @@ class ResolutionDay(_Frozen):
     registration_samples: Annotated[tuple[LogLineText, ...], Field(max_length=500)] = ()
 
 
+HandleText = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+RegistrationsSource = Literal["sql"]
+
+
+class RegistrationDay(_Frozen):
+    """New registrations of one calendar day (agent's zone) as the node's registry records them, read in this
+    period (issue 4): a real create, never an overwrite. ``registrations_root`` is the RFC 9162 root over these
+    identifiers (sorted, distinct, UTF-8 leaves); ``samples`` are the identifiers due under the verifier-issued salt
+    at one in 2**sample_log2 (connectors/resolution/registrations.py: HMAC-SHA256(salt,
+    "tianping/registration-sample/v1" 0x00 handle), first 8 bytes big-endian, below 2**(64 - sample_log2))."""
+
+    day: date
+    registrations: Annotated[int, Field(gt=0)]
+    registrations_root: Hex64
+    sample_log2: Annotated[int, Field(ge=0, le=62)] = 0  # 0: no salt, no samples
+    samples: Annotated[tuple[HandleText, ...], Field(max_length=500)] = ()
+
+
 class ResolutionSummary(_Frozen):
     lines_read: Annotated[int, Field(ge=0)] = 0
     malformed_lines: Annotated[int, Field(ge=0)] = 0
@@ -140,6 +158,25 @@ class ResolutionSummary(_Frozen):
     new_identifiers_root: Hex64 | None = None  # RFC 9162 root over the period's new identifiers (sorted UTF-8)
     new_identifiers_count: Annotated[int, Field(ge=0)] = 0  # leaves under that root
     gaps: Annotated[tuple[ResolutionGap, ...], Field(max_length=1000)] = ()
+    # Issue 4, registration source (optional): when set, the period's new registrations come from the node's
+    # registry (``registrations``, one entry per day with any; a day without one had none), and the op-100 buckets
+    # above stay what the access log saw. ``registration_gaps``: stretches in which the registry could not be read
+    # (no data, never zero; the registrations of such a stretch arrive in a later report).
+    registrations_source: RegistrationsSource | None = None
+    registrations: Annotated[tuple[RegistrationDay, ...], Field(max_length=400)] = ()
+    registration_gaps: Annotated[tuple[ResolutionGap, ...], Field(max_length=1000)] = ()
+
+    @model_validator(mode="after")
+    def _registrations(self) -> ResolutionSummary:
+        if self.registrations_source is None and (self.registrations or self.registration_gaps):
+            raise ValueError("registrations: expected registrations_source naming where they come from, got none")
+        days = [r.day for r in self.registrations]
+        if days != sorted(set(days)):
+            raise ValueError("registrations: expected one entry per day, in day order")
+        return self
+
+
+_REGISTRATION_KEYS = ("registrations_source", "registrations", "registration_gaps")
 
 
 class ConnectorStatus(_Frozen):
@@ -185,7 +222,13 @@ class ReportV1(_Frozen):
 
     def to_bytes(self) -> bytes:
         """Canonical payload bytes (RFC 8785)."""
-        return canonical_json(self.model_dump(mode="json"))
+        doc = self.model_dump(mode="json")
+        res = doc.get("resolution")
+        if res is not None and res.get("registrations_source") is None:
+            # without a registration source, the payload is byte for byte what it was before those fields existed
+            for key in _REGISTRATION_KEYS:
+                res.pop(key, None)
+        return canonical_json(doc)
 
 
 def parse_report(payload: bytes) -> ReportV1:

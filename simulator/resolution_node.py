@@ -17,6 +17,9 @@ respCode other than 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,7 @@ class ResolutionNode:
         self._good_since_malformed = 0
         self._malformed: list[str] = []
         self._new: list[str] = []
+        self._new_at: list[datetime] = []  # when each of self._new was created (as written, to the millisecond)
         self._recreated: list[str] = []
         self._overwritten: list[str] = []
         self._replayed = 0
@@ -334,6 +338,32 @@ class ResolutionNode:
             self._record(ts, OP_CREATE, RC_SUCCESS, "HTTP", new=True)
             out.append(self._admin_line(ts, "HTTP:HDLApi", OP_CREATE, RC_SUCCESS, prefix, handle))
         self._append("".join(out).encode())
+
+    def registrations(self) -> list[tuple[str, datetime]]:
+        """The new registrations so far as the node's registry records them: (handle, created_at), in order. An
+        overwrite (a REST PUT over a live handle) adds nothing here; the access log logs it as a create."""
+        return list(zip(self._new, self._new_at, strict=True))
+
+    def write_registry(self, path: Path, *, table: str = "handles", until: datetime | None = None,
+                       naive: bool = False) -> int:
+        """Write the registry into SQLite ``path`` (created if missing): table ``table (handle TEXT PRIMARY KEY,
+        created_at TEXT, updated_at TEXT)``, one row per new registration created before ``until`` (all when
+        None). ``created_at`` is ISO 8601 text in UTC+8 with its offset (``naive``: without it). Rows already in
+        the table are left as they are (``updated_at`` is set to the time of the write: an update, not a create).
+        Returns the number of rows added."""
+        import sqlite3
+
+        if not table.isidentifier():
+            raise ValueError(f"table: expected an SQL identifier, got {table!r}")
+        rows = [(h, _registry_time(t, naive=naive)) for h, t in self.registrations() if until is None or t < until]
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute(f"CREATE TABLE IF NOT EXISTS {table} (handle TEXT PRIMARY KEY, created_at TEXT NOT NULL, "
+                       "updated_at TEXT)")
+            before = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 (identifier checked)
+            db.executemany(f"INSERT INTO {table} (handle, created_at) VALUES (?, ?) ON CONFLICT (handle) "  # noqa: S608
+                           "DO UPDATE SET updated_at = excluded.created_at", rows)
+            after = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+        return int(after - before)
 
     def ground_truth(self) -> GroundTruth:
         return GroundTruth(
@@ -534,6 +564,7 @@ class ResolutionNode:
                 day.resolutions_failed += 1
         elif new:
             day.creates_ok += 1
+            self._new_at.append(ts)
         elif op == OP_DELETE and resp == RC_SUCCESS:
             day.deletes_ok += 1
         self._buckets[(ts.replace(second=0, microsecond=0), op, resp, transport)] += 1
@@ -586,6 +617,13 @@ def _stamp(ts: datetime) -> str:
     )
 
 
+def _registry_time(ts: datetime, *, naive: bool) -> str:
+    local = ts.astimezone(SHANGHAI)
+    if naive:
+        return local.replace(tzinfo=None).isoformat(" ", timespec="milliseconds")
+    return local.isoformat(" ", timespec="milliseconds")
+
+
 def _escape(handle: str) -> str:
     return quote(handle, safe="/.-_~:!*'(),;@=+$")
 
@@ -593,3 +631,288 @@ def _escape(handle: str) -> str:
 async def run_resolution_node(log_dir: Path, seed: int = 1, rate_per_s: float = 50.0) -> None:
     """Run a simulated resolution node writing ``log_dir/access.log`` until cancelled."""
     await ResolutionNode(Path(log_dir), seed=seed, rate_per_s=rate_per_s).run()
+
+
+# --- the same traffic as an HTTP API access log (combined or JSON) ------------------------------------------
+
+API_FORMATS = ("combined", "json")
+API_UNNAMED_PREFIX = "~unnamed"  # stand-in identifiers for registrations a line does not name (api_log.py)
+_API_STATUS = {  # HANDLE.NET respCode -> the HTTP statuses that stand for it
+    RC_SUCCESS: (200,),
+    RC_ERROR: (500, 502),
+    RC_TOO_BUSY: (429, 503),
+    RC_NOT_FOUND: (404,),
+    RC_ALREADY_EXISTS: (409,),
+    RC_INVALID_HANDLE: (400,),
+    RC_AUTHENTICATION_NEEDED: (401, 403),
+}
+_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MAX_BATCH = 50
+
+
+class ApiLogWriter:
+    """Writes the traffic of a :class:`ResolutionNode`'s access log again, as its HTTP APIs would log it, at
+    ``path`` in ``fmt`` (``"combined"`` or ``"json"``), reproducibly from ``seed``, with ground truth.
+
+    Each call of :meth:`add_from` takes the complete lines the node appended since the last call and writes:
+
+    - resolutions (opCode 1) as ``GET /api/handles/{handle}`` (a query string now and then), the respCode as an
+      HTTP status (``_API_STATUS``);
+    - a run of successful creates from one client in one minute as ``POST /identityv2/data/batchCreate`` (up to
+      50): in JSON with a ``handles`` list, or only a ``count``; a combined line says neither, so it stands for
+      one create (the call). Other creates as ``POST /identityv2/data`` (JSON: with ``handle``; combined: unnamed)
+      or ``PUT /api/handles/{handle}``; deletes as ``DELETE /api/handles/{handle}``; value changes (102-104) as
+      ``PUT /identityv2/data`` (opCode 104 in the truth); list operations (105) have no API call and are left out;
+    - JSON lines carry ``iface`` (the node's interface, so transports stay as they were) or a ``scheme``
+      (``HTTP``/``HTTPS`` transports), and ``time`` as ISO 8601 (``time_style="iso"``) or ``msec`` epoch seconds
+      (``"epoch"``); combined lines end with the request time in seconds and are ``HTTP``;
+    - with ``malformed_every``, one line that fits no rule after every that many lines.
+
+    A create that a line does not name counts, as documented in ``connectors/resolution/api_log.py``, under the
+    stand-in ``~unnamed/<24 hex digits of SHA-256 of the line>.<i>``; :meth:`ground_truth` counts exactly so.
+    The node's own malformed lines are not API traffic and are skipped.
+    """
+
+    def __init__(self, path: Path, *, fmt: str, seed: int = 1, malformed_every: int = 0,
+                 time_style: str = "iso") -> None:
+        if fmt not in API_FORMATS:
+            raise ValueError(f"fmt: expected one of {list(API_FORMATS)}, got {fmt!r}")
+        if time_style not in ("iso", "epoch"):
+            raise ValueError(f"time_style: expected 'iso' or 'epoch', got {time_style!r}")
+        if malformed_every < 0:
+            raise ValueError(f"malformed_every: expected 0 (off) or a positive interval, got {malformed_every}")
+        self.path = Path(path)
+        self.fmt = fmt
+        self.time_style = time_style
+        self.malformed_every = malformed_every
+        self._rng = random.Random(seed)
+        self._offset = 0  # how much of the node's log has been taken
+        self._serial = 0
+        self._since_malformed = 0
+        self._days: dict[date, DayTruth] = {}
+        self._buckets: Counter[tuple[datetime, int, int, str]] = Counter()
+        self._lines = 0
+        self._malformed: list[str] = []
+        self._created: set[str] = set()
+        self._new: list[str] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add_from(self, node: ResolutionNode) -> int:
+        """Write the node's complete lines appended since the last call; returns how many API lines were written."""
+        with node.path.open("rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        records = [r for r in (_handle_record(raw) for raw in data[:end].decode("utf-8").splitlines()) if r]
+        out: list[str] = []
+        i = 0
+        while i < len(records):
+            rec = records[i]
+            run = 1
+            if rec.op == OP_CREATE and rec.resp == RC_SUCCESS:
+                while (i + run < len(records) and run < _MAX_BATCH and records[i + run].op == OP_CREATE
+                       and records[i + run].resp == RC_SUCCESS and records[i + run].ip == rec.ip
+                       and _minute(records[i + run].ts) == _minute(rec.ts)
+                       and records[i + run].handle not in {r.handle for r in records[i : i + run]}):
+                    run += 1
+            out.append(self._api_line(records[i : i + run]))
+            i += run
+        text = "".join(out)
+        if text:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(text.encode())
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        return text.count("\n")
+
+    def ground_truth(self) -> GroundTruth:
+        """What a counter of this API log must find (``buckets`` count records: a batch of n named creates is n)."""
+        return GroundTruth(
+            days={d.isoformat(): DayTruth(**t.as_dict()) for d, t in sorted(self._days.items())},
+            lines=self._lines,
+            malformed=list(self._malformed),
+            buckets=dict(self._buckets),
+            new_registrations=list(self._new),
+            recreated=[],
+        )
+
+    # --- one API line ---------------------------------------------------------------------------------------
+
+    def _api_line(self, run: list[_HandleRecord]) -> str:
+        rng = self._rng
+        first = run[0]
+        self._serial += 1
+        scheme = rng.choice(("http", "http", "https"))
+        use_iface = self.fmt == "json" and rng.random() < 0.4
+        transport = first.iface.partition(":")[0] if use_iface else (scheme.upper() if self.fmt == "json" else "HTTP")
+        status = rng.choice(_API_STATUS[first.resp])
+        named: list[str] | None = None  # the handles the line names (None: it names none)
+        count = 1
+        query = ""
+        op = first.op
+        if len(run) > 1:
+            method, path = "POST", "/identityv2/data/batchCreate"
+            if self.fmt == "json" and rng.random() < 0.6:
+                named = [r.handle for r in run]
+                count = len(run)
+            elif self.fmt == "json":
+                count = len(run)
+        elif op == OP_RESOLVE:
+            method, path = "GET", "/api/handles/" + _escape(first.handle)
+            query = rng.choice(("", "", "", "?type=URL", "?index=1&auth=false"))
+            named = [first.handle]
+        elif op == OP_CREATE and rng.random() < 0.4:
+            method, path = "PUT", "/api/handles/" + _escape(first.handle)
+            named = [first.handle]
+        elif op == OP_CREATE:
+            method, path = "POST", "/identityv2/data"
+            named = [first.handle] if self.fmt == "json" else None
+        elif op == OP_DELETE:
+            method, path = "DELETE", "/api/handles/" + _escape(first.handle)
+            named = [first.handle]
+            status = 204 if status == 200 and rng.random() < 0.5 else status
+        elif op in OP_VALUE_CHANGES:
+            op = 104
+            method, path = "PUT", "/identityv2/data"
+            named = [first.handle]
+            if self.fmt == "combined":
+                query = "?handle=" + quote(first.handle, safe="")
+        else:
+            raise AssertionError(f"opCode {op} has no API call")  # list operations are filtered out before
+        elapsed = f"{first.elapsed_ms / 1000:.3f}"
+        if self.fmt == "combined":
+            ts = first.ts.replace(microsecond=0)
+            stamp = (f"{ts.day:02d}/{_MONTH_NAMES[ts.month - 1]}/{ts.year:04d}:{ts.hour:02d}:{ts.minute:02d}:"
+                     f"{ts.second:02d} {_stamp(ts)[-5:]}")
+            size = rng.randrange(60, 4000)
+            line = (f'{first.ip} - - [{stamp}] "{method} {path}{query} HTTP/1.1" {status} {size} "-" '
+                    f'"idis-sdk/2.{self._serial % 7}" {elapsed}')
+        else:
+            doc: dict[str, Any] = {}
+            if self.time_style == "iso":
+                doc["time"] = first.ts.isoformat(timespec="milliseconds")
+            else:
+                utc_ms = (first.ts - datetime(1970, 1, 1, tzinfo=timezone(timedelta(0)))) // timedelta(milliseconds=1)
+                doc["msec"] = "@MSEC@"
+                msec = f"{utc_ms // 1000}.{utc_ms % 1000:03d}"
+            doc.update(remote_addr=first.ip, method=method, uri=path + query, status=status,
+                       request_time="@RT@", request_id=f"{self._serial:08x}")
+            if use_iface:
+                doc["iface"] = first.iface
+            else:
+                doc["scheme"] = scheme
+            if named is not None and path == "/identityv2/data/batchCreate":
+                doc["handles"] = named
+            elif named is not None and not path.startswith("/api/handles/"):
+                doc["handle"] = named[0]
+            if len(run) > 1 and named is None:
+                doc["count"] = count
+            line = json.dumps(doc, ensure_ascii=False).replace('"@RT@"', elapsed)
+            if self.time_style == "epoch":
+                line = line.replace('"@MSEC@"', msec)
+        if named is None:
+            names = [f"{API_UNNAMED_PREFIX}/{hashlib.sha256(line.encode()).hexdigest()[:24]}.{i}" for i in range(count)]
+        else:
+            names = named
+        for name in names:
+            self._record(first.ts, op, first.resp, transport, name)
+        self._lines += 1
+        text = line + "\n"
+        if self.malformed_every:
+            self._since_malformed += 1
+            if self._since_malformed >= self.malformed_every:
+                self._since_malformed = 0
+                bad = self._malformed_line(first)
+                self._malformed.append(bad)
+                self._lines += 1
+                text += bad + "\n"
+        return text
+
+    def _record(self, ts: datetime, op: int, resp: int, transport: str, handle: str) -> None:
+        ts = ts.replace(microsecond=ts.microsecond // 1000 * 1000)
+        if self.fmt == "combined":
+            ts = ts.replace(microsecond=0)
+        day = self._days.setdefault(ts.astimezone(SHANGHAI).date(), DayTruth())
+        day.lines += 1
+        if op == OP_RESOLVE:
+            if resp == RC_SUCCESS:
+                day.resolutions_ok += 1
+            else:
+                day.resolutions_failed += 1
+        elif op == OP_CREATE and resp == RC_SUCCESS and handle not in self._created:
+            self._created.add(handle)
+            self._new.append(handle)
+            day.creates_ok += 1
+        elif op == OP_DELETE and resp == RC_SUCCESS:
+            day.deletes_ok += 1
+        self._buckets[(ts.replace(second=0, microsecond=0), op, resp, transport)] += 1
+
+    def _malformed_line(self, rec: _HandleRecord) -> str:
+        ts = rec.ts.replace(microsecond=0)
+        stamp = (f"{ts.day:02d}/{_MONTH_NAMES[ts.month - 1]}/{ts.year:04d}:{ts.hour:02d}:{ts.minute:02d}:"
+                 f"{ts.second:02d} {_stamp(ts)[-5:]}")
+        iso = rec.ts.isoformat(timespec="milliseconds")
+        kinds: tuple[str, ...]
+        if self.fmt == "combined":
+            kinds = (
+                "this is not an access log line",
+                "",
+                f'{rec.ip} - - [{stamp}] "GET /healthz HTTP/1.1" 200 2 "-" "kube-probe/1.29"',
+                f'{rec.ip} - - [{stamp}] "GET /api/handles/no-prefix-handle HTTP/1.1" 400 20 "-" "curl/8"',
+                f'{rec.ip} - - [{stamp}] "POST /api/handles/88.100.1/x HTTP/1.1" 405 20 "-" "curl/8"',
+                f'{rec.ip} - - [{stamp}] "GET /api/handles/88.100.1/bad%zz HTTP/1.1" 200 20 "-" "curl/8"',
+                f'{rec.ip} - - [{stamp}] "GET /api/handles/88.100.1/moved HTTP/1.1" 302 0 "-" "curl/8"',
+                f'{rec.ip} - - [32/{stamp[3:]}] "GET /api/handles/88.100.1/x HTTP/1.1" 200 20 "-" "curl/8"',
+            )
+        else:
+            kinds = (
+                "this is not JSON",
+                "",
+                '["a", "JSON", "list"]',
+                json.dumps({"time": iso, "remote_addr": rec.ip, "method": "GET", "uri": "/api/handles/88.100.1/x"}),
+                json.dumps({"time": iso[:-6], "remote_addr": rec.ip, "method": "GET", "uri": "/api/handles/88.100.1/x",
+                            "status": 200}),
+                json.dumps({"time": iso, "remote_addr": rec.ip, "method": "GET", "uri": "/metrics", "status": 200}),
+                json.dumps({"time": iso, "remote_addr": rec.ip, "method": "HEAD", "uri": "/api/handles/88.100.1/x",
+                            "status": 200}),
+                json.dumps({"time": iso, "remote_addr": rec.ip, "method": "POST", "uri": "/identityv2/data/batchCreate",
+                            "status": 200, "handles": "88.100.1/x"}),
+                json.dumps({"time": iso, "remote_addr": rec.ip, "method": "GET", "uri": "/api/handles/88.100.1/x",
+                            "status": "OK"}),
+            )
+        return self._rng.choice(kinds)
+
+
+def _minute(ts: datetime) -> datetime:
+    return ts.replace(second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class _HandleRecord:
+    ip: str
+    iface: str
+    ts: datetime
+    op: int
+    resp: int
+    elapsed_ms: int
+    handle: str  # unescaped
+
+
+def _handle_record(text: str) -> _HandleRecord | None:
+    """One well-formed line of the node's own log (None for its malformed lines and list operations)."""
+    fields = text.split(" ")
+    if len(fields) != 9 or not fields[6].endswith("ms"):
+        return None
+    ip, iface, day, clock, op, resp, elapsed, _, handle = fields
+    try:
+        ts = datetime.strptime(f"{day} {clock}", '"%Y-%m-%d %H:%M:%S.%f%z"')
+        rec = _HandleRecord(ip, iface, ts, int(op), int(resp), int(elapsed[:-2]), unquote(handle, errors="strict"))
+    except ValueError:
+        return None
+    if rec.op == OP_LIST or rec.resp not in _API_STATUS or "/" not in rec.handle or len(text) > 8192:
+        return None
+    return rec

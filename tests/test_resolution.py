@@ -427,8 +427,9 @@ def test_count_files_counts_a_last_line_without_newline(tmp_path: Path) -> None:
 
 
 def test_count_files_refuses_unknown_format_and_zone(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"format: expected one of \['handle-net', 'handle-proxy'\], got 'json'"):
-        count_files([tmp_path / "access.log"], fmt="json")
+    formats = r"\['handle-net', 'handle-proxy', 'combined', 'json'\]"
+    with pytest.raises(ValueError, match=rf"format: expected one of {formats}, got 'xml'"):
+        count_files([tmp_path / "access.log"], fmt="xml")
     with pytest.raises(ValueError, match="timezone: expected an IANA zone name"):
         count_files([tmp_path / "access.log"], tz="Mars/Olympus")
 
@@ -516,7 +517,8 @@ BAD_CONFIGS: Sequence[tuple[dict[str, Any], str]] = [
     ({"path": ""}, "path: expected the access log's path, got an empty string"),
     ({"path": 7}, "path: expected str, got int 7"),
     ({"path": "a.log", "pth": "x"}, r"unknown keys \['pth'\]"),
-    ({"path": "a.log", "format": "json"}, r"format: expected one of \['handle-net', 'handle-proxy'\], got 'json'"),
+    ({"path": "a.log", "format": "xml"},
+     r"format: expected one of \['handle-net', 'handle-proxy', 'combined', 'json'\], got 'xml'"),
     ({"path": "a.log", "max_line_bytes": "8k"}, "max_line_bytes: expected int, got str '8k'"),
     ({"path": "a.log", "max_line_bytes": True}, "max_line_bytes: expected int, got bool True"),
     ({"path": "a.log", "max_line_bytes": 100}, "max_line_bytes: expected an integer from 1024 to 1048576, got 100"),

@@ -117,14 +117,20 @@ def derive_facts(report: ReportV1, applicant_id: str) -> ReportFacts:
         aliases.extend(AliasFact(applicant_id, dev.fp, alias, dev_days[0]) for alias in dev.aliases if alias != dev.fp)
     sums: dict[date, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     if report.resolution is not None:
+        # With a registration source, new registrations come from the node's registry (a real create, never an
+        # overwrite); the op-100 buckets are then only what the access log saw (shown beside, not counted).
+        registry = report.resolution.registrations_source is not None
         for bucket in report.resolution.buckets:
             row = sums[shanghai_day(bucket.minute)]  # a day with only uncounted traffic still appears
             if bucket.op == OP_RESOLVE:
                 row[0 if bucket.resp == RESP_OK else 1] += bucket.count
             elif bucket.op == OP_CREATE and bucket.resp == RESP_OK:
-                row[2] += bucket.count
+                if not registry:
+                    row[2] += bucket.count
             elif bucket.op == OP_DELETE and bucket.resp == RESP_OK:
                 row[3] += bucket.count
+        for reg in report.resolution.registrations:
+            sums[reg.day][2] += reg.registrations
     resolution = tuple(ResolutionDayFact(applicant_id, day, *values) for day, values in sorted(sums.items()))
     return ReportFacts(device_days=tuple(days.values()), resolution_days=resolution, aliases=tuple(aliases))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,7 +20,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from protocol.envelope import MAX_ENVELOPE_BYTES
+from protocol.envelope import MAX_ENVELOPE_BYTES, claimed_key_id
 from protocol.errors import KeyUnknown, ProtocolError
 from verifier.core import (
     DEFAULT_FUTURE_SKEW,
@@ -221,15 +220,11 @@ def ingest_batch(
                        late_after=late_after)
 
 
-_KEYID = re.compile(rb'"keyid"\s*:\s*"([^"\\]{1,128})"')
-
-
 def open_batch(engine: Engine, envelopes: Sequence[bytes], *, max_bytes: int = MAX_ENVELOPE_BYTES,
                pool: VerifyPool | None = None) -> list[Opened | ProtocolError]:
     """The stateless stage: the public keys the envelopes name (one query, whether or not still valid: the
     write stage judges that), then rules 1-3 for each envelope."""
-    kids = sorted({m.group(1).decode("utf-8", "replace") for env in envelopes
-                   if (m := _KEYID.search(env, 0, max_bytes)) is not None})
+    kids = sorted({kid for env in envelopes if (kid := claimed_key_id(env[:max_bytes])) is not None})
     raw: dict[str, bytes] = {}
     if kids:
         with engine.connect() as conn:

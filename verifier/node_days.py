@@ -44,6 +44,13 @@ def _day_body(agent_id: str, ev: DayEvidence, salt: bytes) -> dict[str, Any]:
         "distinct_identifiers_estimate": round(ev.distinct_identifiers),
         "distinct_clients_estimate": round(ev.distinct_clients),
         "gaps": [{"start": a.isoformat(), "end": b.isoformat(), "reason": r} for a, b, r in ev.gaps],
+        # new registrations: what the access log saw (op 100, resp 1; overwrites included) and, with a
+        # registration source, what the node's registry recorded (null without one); facts count the registry's
+        "creates_log": ev.creates_log,
+        "creates_registry": ev.creates_registry,
+        "registrations_source": ev.registrations_source,
+        "registration_gaps": [{"start": a.isoformat(), "end": b.isoformat(), "reason": r}
+                              for a, b, r in ev.registration_gaps],
         "flags": [{"code": f.code, "message": f.message, "value": f.value, "threshold": f.threshold} for f in flags],
     }
 
@@ -74,7 +81,8 @@ def node_days(engine: Engine, applicant_id: str, year: int, *, zone: ZoneInfo = 
             select(node_day_cache).where(node_day_cache.c.applicant_id == applicant.id,
                                          node_day_cache.c.day >= start.date(), node_day_cache.c.day < end.date()))}
         stale = {key: idx for key, idx in by_day.items()
-                 if (c := cached.get(key)) is None or (c.entries, c.last_index) != (len(idx), max(idx))}
+                 if (c := cached.get(key)) is None or (c.entries, c.last_index) != (len(idx), max(idx))
+                 or (c.body != "null" and '"creates_log"' not in c.body)}  # cached before the registration fields
         fresh: dict[tuple[str, date], dict[str, Any] | None] = {}
         if stale:
             wanted = sorted({i for idx in stale.values() for i in idx})

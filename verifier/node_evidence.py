@@ -14,12 +14,17 @@ officials beside the verdict; they never change a count.
 - :func:`sample_selected` recomputes, from a sampled line and the salt the verifier issued, whether the line was
   due to be sampled (the two stages of ``protocol/sampling.py``, the same the agent applies).
 - :func:`verify_new_identifier` checks an identifier an official drew against the period's Merkle root.
+- With a registration source (the node's registry, ``connectors/resolution/registrations.py``), a day shows the
+  access log's creates beside the registry's, and ``overwrites_as_creates`` flags a log that saw far more creates
+  than the registry recorded (a REST ``PUT`` over a live handle logs as a create); the registry's samples are
+  recomputed under the salt as well (:func:`registry_sample_selected`).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +50,9 @@ REPLAY_RATE = 0.01
 BULK_MIN_TRACKED = 100
 BULK_RESOLVED_RATE = 0.05
 SAMPLE_SIGMAS = 4.0
+OVERWRITE_MIN_EXCESS = 20  # log creates beyond the registry's, at least this many ...
+OVERWRITE_RATIO = 1.25  # ... and at least this many times the registry's
+REGISTRY_SAMPLE_LABEL = b"tianping/registration-sample/v1\x00"
 
 
 # --- sketches ----------------------------------------------------------------------------------------------
@@ -88,6 +96,12 @@ class DayEvidence:
     resolution_samples: list[str] = field(default_factory=list)
     registration_samples: list[str] = field(default_factory=list)
     gaps: list[tuple[datetime, datetime, str]] = field(default_factory=list)
+    creates_log: int = 0  # successful creates (op 100, resp 1) in the access log's buckets
+    creates_registry: int | None = None  # new registrations from the registry; None: no registration source
+    registrations_source: str | None = None
+    registry_sample_log2: int = 0
+    registry_samples: list[str] = field(default_factory=list)
+    registration_gaps: list[tuple[datetime, datetime, str]] = field(default_factory=list)
 
     @property
     def distinct_identifiers(self) -> float:
@@ -116,10 +130,14 @@ def day_evidence(reports: Sequence[ReportV1], zone: tzinfo) -> dict[date, DayEvi
         res = report.resolution
         if res is None:
             continue
+        touched: set[date] = set()
         for b in res.buckets:
+            if b.op == OP_CREATE and b.resp == RC_SUCCESS:
+                get(b.minute.astimezone(zone).date()).creates_log += b.count
             if b.op != OP_RESOLUTION:
                 continue
             local = b.minute.astimezone(zone)
+            touched.add(local.date())
             ev = get(local.date())
             if b.resp == RC_SUCCESS:
                 ev.resolutions_ok += b.count
@@ -144,6 +162,22 @@ def day_evidence(reports: Sequence[ReportV1], zone: tzinfo) -> dict[date, DayEvi
             ev.registration_samples.extend(shape.registration_samples)
         for gap in res.gaps:
             get(gap.start.astimezone(zone).date()).gaps.append((gap.start, gap.end, gap.reason))
+        if res.registrations_source is not None:
+            touched |= {b.minute.astimezone(zone).date() for b in res.buckets} | {s.day for s in res.days}
+            for reg in res.registrations:
+                ev = get(reg.day)
+                ev.creates_registry = (ev.creates_registry or 0) + reg.registrations
+                ev.registry_sample_log2 = max(ev.registry_sample_log2, reg.sample_log2)
+                ev.registry_samples.extend(reg.samples)
+            for gap in res.registration_gaps:
+                ev = get(gap.start.astimezone(zone).date())
+                ev.registration_gaps.append((gap.start, gap.end, gap.reason))
+                touched.add(ev.day)
+            for d in touched | {r.day for r in res.registrations}:
+                ev = get(d)
+                ev.registrations_source = res.registrations_source
+                if ev.creates_registry is None:
+                    ev.creates_registry = 0  # the registry was read: none that day in this period
     return dict(sorted(days.items()))
 
 
@@ -199,6 +233,16 @@ def anomaly_flags(ev: DayEvidence, salt: bytes | None = None) -> list[Flag]:
                 "resolved the day they were registered",
                 rate, BULK_RESOLVED_RATE,
             ))
+    if ev.creates_registry is not None and not ev.registration_gaps:
+        excess = ev.creates_log - ev.creates_registry
+        if excess >= OVERWRITE_MIN_EXCESS and ev.creates_log >= OVERWRITE_RATIO * ev.creates_registry:
+            flags.append(Flag(
+                "overwrites_as_creates",
+                f"the access log saw {ev.creates_log} successful creates where the registry recorded "
+                f"{ev.creates_registry} new registrations: {excess} creates overwrote existing identifiers (a REST "
+                "PUT logs as a create); new registrations count from the registry",
+                float(ev.creates_log), OVERWRITE_RATIO * ev.creates_registry,
+            ))
     if ev.resolution_sample_log2:
         expected = ev.resolutions_ok / (1 << ev.resolution_sample_log2)  # samples are drawn from op 1 lines
         got = len(ev.resolution_samples)
@@ -214,7 +258,7 @@ def anomaly_flags(ev: DayEvidence, salt: bytes | None = None) -> list[Flag]:
     if salt is not None:
         refused = refused_samples(salt, ev)
         if refused:
-            total = len(ev.resolution_samples) + len(ev.registration_samples)
+            total = len(ev.resolution_samples) + len(ev.registration_samples) + len(ev.registry_samples)
             flags.append(Flag(
                 "samples_not_due",
                 f"{len(refused)} of the day's {total} samples were not due under the salt the verifier issued to "
@@ -267,7 +311,20 @@ def refused_samples(salt: bytes, ev: DayEvidence) -> list[str]:
                 ok = False
             if not ok:
                 refused.append(line)
+    for handle in ev.registry_samples:
+        if not registry_sample_selected(salt, handle, ev.registry_sample_log2):
+            refused.append(handle)
     return refused
+
+
+def registry_sample_selected(salt: bytes, handle: str, rate_log2: int) -> bool:
+    """Was this new registration (from the node's registry) due to be sampled under ``salt`` at one in
+    2**rate_log2? The first 8 bytes, big-endian, of HMAC-SHA256(salt, "tianping/registration-sample/v1" 0x00
+    handle) below 2**(64 - rate_log2) — the agent's rule (connectors/resolution/registrations.py), recomputed."""
+    if rate_log2 <= 0:
+        return False
+    digest = hmac.digest(salt, REGISTRY_SAMPLE_LABEL + handle.encode("utf-8"), "sha256")
+    return int.from_bytes(digest[:8], "big") < 1 << (64 - rate_log2)
 
 
 # --- new identifiers ---------------------------------------------------------------------------------------
@@ -299,6 +356,7 @@ __all__ = [
     "merge_sketches",
     "new_identifiers_root",
     "refused_samples",
+    "registry_sample_selected",
     "salt_digest",
     "sample_selected",
     "timezone",

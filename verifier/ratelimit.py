@@ -7,12 +7,13 @@ signature checks). Someone who knows an agent's key id could spend its budget; t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from protocol.envelope import claimed_key_id
 
 RATE_LIMITED_CODE = "rate_limited"
 _MAX_TRACKED = 100_000
@@ -70,9 +71,4 @@ class AgentRateLimiter:
 
 def _claimed_key_id(envelope: bytes) -> str:
     """The key id an envelope names (unverified; only a bucket key). Anything unreadable shares one bucket."""
-    try:
-        obj = json.loads(envelope)
-        kid = obj["signatures"][0]["keyid"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return ""
-    return kid[:64] if isinstance(kid, str) else ""
+    return (claimed_key_id(envelope) or "")[:64]

@@ -37,7 +37,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -57,12 +57,18 @@ from connectors.resolution.handle_log import (
     DEFAULT_MAX_LINE_BYTES,
     DEFAULT_READ_CHUNK_BYTES,
     FORMAT_HANDLE_NET,
-    FORMATS,
     MIN_MAX_LINE_BYTES,
     HandleLogCounter,
     LineAssembler,
+    UnknownFormatError,
+    check_format,
     count_files,
     load_zone,
+)
+from connectors.resolution.registrations import (
+    RegistrationConfig,
+    RegistrationDayBatch,
+    SqlRegistrationSource,
 )
 
 log = logging.getLogger(__name__)
@@ -90,7 +96,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
     }
 )
 REQUIRED_KEYS = ("path",)
-OPTIONAL_KEYS = ("checkpoint_path",)  # optional, no default
+OPTIONAL_KEYS = ("checkpoint_path", "registrations")  # optional, no default
 MAX_LINE_BYTES_RANGE = (MIN_MAX_LINE_BYTES, 1 << 20)
 READ_CHUNK_BYTES_RANGE = (4096, 64 << 20)
 GAP_AFTER_S_RANGE = (120, 7 * 86400)
@@ -121,6 +127,7 @@ class ResolutionLogConfig:
     gap_after_s: int = 600
     resolution_sample_log2: int = 16
     registration_sample_log2: int = 10
+    registrations: RegistrationConfig | None = None  # [connectors.resolution.registrations] (registrations.py)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> ResolutionLogConfig:
@@ -131,8 +138,10 @@ class ResolutionLogConfig:
         if not path.strip():
             raise ConfigError(f"{WHERE}.path: expected the access log's path, got an empty string")
         fmt = optional(cfg, "format", str, DEFAULTS["format"], where=WHERE)
-        if fmt not in FORMATS:
-            raise ConfigError(f"{WHERE}.format: expected one of {list(FORMATS)}, got {fmt!r}")
+        try:
+            check_format(fmt)  # FORMATS, or json:field=key,... (api_log.py)
+        except UnknownFormatError as exc:
+            raise ConfigError(f"{WHERE}.{exc}") from None
         max_line_bytes = _bounded(cfg, "max_line_bytes", MAX_LINE_BYTES_RANGE)
         read_chunk_bytes = _bounded(cfg, "read_chunk_bytes", READ_CHUNK_BYTES_RANGE)
         checkpoint = optional(cfg, "checkpoint_path", str, None, where=WHERE)
@@ -155,7 +164,36 @@ class ResolutionLogConfig:
             gap_after_s=_bounded(cfg, "gap_after_s", GAP_AFTER_S_RANGE),
             resolution_sample_log2=_bounded(cfg, "resolution_sample_log2", SAMPLE_LOG2_RANGE),
             registration_sample_log2=_bounded(cfg, "registration_sample_log2", SAMPLE_LOG2_RANGE),
+            registrations=_registrations(cfg, path, checkpoint),
         )
+
+
+def _registrations(cfg: Mapping[str, Any], path: str, checkpoint: str | None) -> RegistrationConfig | None:
+    if "registrations" not in cfg:
+        return None
+    reg = RegistrationConfig.from_mapping(cfg["registrations"], where=f"{WHERE}.registrations")
+    if reg.checkpoint_path is not None and reg.checkpoint_path in {Path(path), Path(checkpoint or path)}:
+        raise ConfigError(f"{WHERE}.registrations.checkpoint_path: expected a file of its own, not the log or its "
+                          f"checkpoint, got {str(reg.checkpoint_path)!r}")
+    return reg
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationBatch:
+    """What one round read from the registration source: new registrations per day (ISO date), the stretches in
+    which the registry could not be read, and the sampling rate of their samples."""
+
+    source: str  # the kind, e.g. "sql"
+    days: Mapping[str, RegistrationDayBatch]
+    gaps: tuple[tuple[datetime, datetime, str], ...]
+    sample_log2: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResolutionBatchWithRegistrations(ResolutionBatch):
+    """A resolution batch plus what the registration source read in the same round (when one is configured)."""
+
+    registrations: RegistrationBatch | None = None
 
 
 def _bounded(cfg: Mapping[str, Any], key: str, bounds: tuple[int, int]) -> int:
@@ -205,18 +243,26 @@ class ResolutionLogConnector(ConnectorBase):
         self.explicit_commit = False
         self._delivered: _Checkpoint | None = None  # the position after the last batch handed to the caller
         self._last_minute: datetime | None = None  # the latest minute with a line, for gaps
+        self.registrations: SqlRegistrationSource | None = None
+        if config.registrations is not None:
+            self.registrations = SqlRegistrationSource(
+                config.registrations, zone=self.zone, sample_log2=config.registration_sample_log2)
 
     def bind_agent(self, *, salt: bytes | None, explicit_commit: bool = True) -> None:
         """Called once by the agent: the verifier-issued sampling salt, and whether the agent calls
         :meth:`commit` after storing each report (then a collection no longer writes the checkpoint)."""
         self._salt = salt
         self.explicit_commit = explicit_commit
+        if self.registrations is not None:
+            self.registrations.bind_salt(salt)
 
     def commit(self) -> None:
         """Everything handed out by ``collect()`` so far is stored: write the checkpoint for it."""
         with self._commit_lock:
             if self._delivered is not None:
                 self._write_checkpoint(self._delivered)
+        if self.registrations is not None:
+            self.registrations.commit()
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Self:
@@ -229,27 +275,45 @@ class ResolutionLogConnector(ConnectorBase):
         returns it together with what was appended since."""
         async with self._collecting:
             counter, position = await asyncio.to_thread(self._collect)
+            registrations = self.registrations
+            if registrations is not None:
+                await asyncio.to_thread(registrations.poll)
             self._carry = None  # delivered
             with self._commit_lock:
                 self._delivered = position
-            return self._batch(counter)
+            batch = self._batch(counter)
+            if registrations is None:
+                return batch
+            days, gaps = registrations.take()
+            if not self.explicit_commit:
+                registrations.commit()
+            part = RegistrationBatch(source=registrations.kind, days=days, gaps=tuple(gaps),
+                                     sample_log2=self.config.registration_sample_log2 if self._salt else 0)
+            return ResolutionBatchWithRegistrations(**{f: getattr(batch, f) for f in _BATCH_FIELDS},
+                                                    registrations=part)
 
     def health(self) -> ConnectorHealth:
-        return ConnectorHealth(
-            kind=self.kind,
-            source=self.source,
-            errors=dict(self._errors),
-            extra={
-                "position": self._asm.consumed,
-                "lines_total": self._lines_total,
-                "malformed_total": self._malformed_total,
-                "rotations": self._rotations,
-                "truncations": self._truncations,
-            },
-        )
+        extra: dict[str, Any] = {
+            "position": self._asm.consumed,
+            "lines_total": self._lines_total,
+            "malformed_total": self._malformed_total,
+            "rotations": self._rotations,
+            "truncations": self._truncations,
+        }
+        errors = dict(self._errors)
+        if self.registrations is not None:
+            errors.update(self.registrations.errors)
+            extra["registrations_source"] = self.registrations.source
+            extra["registrations_watermark"] = self.registrations.watermark.isoformat()
+            extra["registrations_total"] = self.registrations.new_total
+        return ConnectorHealth(kind=self.kind, source=self.source, errors=errors, extra=extra)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close)
+        if self.registrations is not None:
+            if not self.explicit_commit:
+                self.registrations.commit()
+            self.registrations.close()
 
     # --- one collection, in a worker thread ------------------------------------------------------------------
 
@@ -535,6 +599,9 @@ class ResolutionLogConnector(ConnectorBase):
             os.close(fd)
         os.replace(tmp, target)
         self._saved = current
+
+
+_BATCH_FIELDS = tuple(f.name for f in fields(ResolutionBatch))
 
 
 def _holds(fd: int, asm: LineAssembler) -> bool:

@@ -23,12 +23,14 @@ A line is well-formed when (:func:`parse_line` enforces exactly this, and says w
 - the handle is printable ASCII (it is %-escaped), has a non-empty prefix before its first ``/``, every ``%``
   starts a ``%XX`` escape, and the unescaped bytes are UTF-8.
 
-:class:`HandleLogCounter` counts whole chunks vectorised (:mod:`connectors.resolution.fast`: numpy over the
-chunk's bytes, no per-line Python work for the common line) into exact 60-second buckets keyed by (minute start,
-opCode, respCode, transport), and keeps each day's shape (:mod:`connectors.resolution.shape`). Any line the
-vectorised path does not take goes through :func:`parse_line`, so the counter's answer is by construction the
-reference parser's answer: lines the reference accepts are counted, the others are counted as malformed with the
-reason, and a few are kept as samples. Nothing is dropped silently.
+:class:`HandleLogCounter` counts whole chunks into exact 60-second buckets keyed by (minute start, opCode,
+respCode, transport), and keeps each day's shape (:mod:`connectors.resolution.shape`). A chunk is scanned in one
+pass by the C scanner (:mod:`connectors.resolution.native`, ``_scan.c``: no GIL, no per-line Python work for the
+common line), or, when that extension is not built, vectorised with numpy (:mod:`connectors.resolution.fast`).
+Any line the fast path does not take goes through :func:`parse_line`, so the counter's answer is by construction
+the reference parser's answer: lines the reference accepts are counted, the others are counted as malformed with
+the reason, and a few are kept as samples. Nothing is dropped silently. Successful creates are kept exactly but
+compactly (:mod:`connectors.resolution.creates`, spilled to a temporary file when there are very many).
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ import logging
 import multiprocessing
 import os
 import re
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from urllib.parse import unquote_to_bytes
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -58,21 +61,29 @@ from connectors.base import (
     ConnectorError,
     ResolutionBucket,
 )
+from connectors.resolution import native
+from connectors.resolution.creates import CreateLog
 from connectors.resolution.fast import FastLines, parse_chunk
 from connectors.resolution.hashing import (
     vh64_words,
     vrecord_hash,
     vstage1,
 )
-from connectors.resolution.shape import TOP_KEEP, DayShape, merge_shapes
+from connectors.resolution.native import as_u64
+from connectors.resolution.shape import REPLAY_SLICE, TOP_KEEP, DayShape, merge_shapes
 from protocol.merkle import identifiers_root
 from protocol.sampling import STAGE1_RATE_LOG2, elapsed_key, h64, record_hash, sample_key, stage1, stage2
+
+if TYPE_CHECKING:
+    from connectors.resolution.api_log import ApiLogTranslator
 
 log = logging.getLogger(__name__)
 
 FORMAT_HANDLE_NET = "handle-net"
 FORMAT_HANDLE_PROXY = "handle-proxy"  # the HTTP proxy's access log: the same layout, optionally + ' "<referrer>"'
-FORMATS = (FORMAT_HANDLE_NET, FORMAT_HANDLE_PROXY)
+FORMAT_COMBINED = "combined"  # HTTP API access logs, NCSA combined format: api_log.py
+FORMAT_JSON = "json"  # HTTP API access logs, one JSON object per line ("json:field=key,..." too): api_log.py
+FORMATS = (FORMAT_HANDLE_NET, FORMAT_HANDLE_PROXY, FORMAT_COMBINED, FORMAT_JSON)
 _REFERRER = re.compile(rb' "[^"\n]*"$', re.MULTILINE)  # a handle has no space, so this is never part of it
 DEFAULT_MAX_LINE_BYTES = 8192
 MIN_MAX_LINE_BYTES = 1024  # the fast pattern needs room for its bounded fields
@@ -143,6 +154,11 @@ def sample_text(line: bytes) -> str:
 
 
 def check_format(fmt: object) -> str:
+    if isinstance(fmt, str) and fmt.startswith(FORMAT_JSON + ":"):  # api_log.py: JSON keys named per field
+        from connectors.resolution.api_log import json_fields
+
+        json_fields(fmt)
+        return fmt
     if fmt not in FORMATS:
         raise UnknownFormatError(f"format: expected one of {list(FORMATS)}, got {fmt!r}")
     return str(fmt)
@@ -298,11 +314,15 @@ class HandleLogCounter:
         self.max_samples = max_samples
         self.fmt = fmt
         self.zone = zone or ZoneInfo(SHANGHAI)
+        self._api = _api_translator(fmt, self.zone, max_line_bytes)  # None but for the API formats (api_log.py)
         self.salt = salt
         self.sample_log2 = {"resolution": resolution_sample_log2, "registration": registration_sample_log2}
         self._k1 = sample_key(salt) if salt is not None else 0
         self._counts: dict[BucketKey, int] = {}
-        self._created: list[tuple[datetime, str]] = []
+        self._creates = CreateLog()
+        self._window: native.DayWindow | None = None
+        self._refused: tuple[int, int] | None = None  # minutes around a window this zone could not have
+        self._fed: dict[tuple[str, str], native.SeenSet] = {}  # (day, "ids" | "clients"): what the sketch has
         self._whens: dict[tuple[int, int], datetime] = {}
         self._days: dict[int, str] = {}
         self.shapes: dict[str, DayShape] = {}
@@ -313,14 +333,113 @@ class HandleLogCounter:
 
     def feed(self, data: bytes) -> None:
         """Count complete lines; ``data`` is empty or ends with a newline."""
+        data = self.prepare(data)
         if not data:
             return
+        window = self.window_for(data)
+        if window is None:
+            self._feed_numpy(data)
+        else:
+            self.absorb(data, self.scan(data, window))
+
+    def prepare(self, data: bytes) -> bytes:
+        """``data`` checked and in the form the scanners take (carriage returns and proxy referrers removed, API
+        log lines translated); empty when nothing is left to scan."""
+        if not data:
+            return data
         if not data.endswith(b"\n"):
             raise ValueError("feed() takes complete lines: data must end with a newline")
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
+        if self._api is not None and not (data := self._api.translate(data, self)):
+            return b""
         if self.fmt == FORMAT_HANDLE_PROXY and b'"\n' in data:
             data = _REFERRER.sub(b"", data)
+        return data
+
+    def window_for(self, data: bytes) -> native.DayWindow | None:
+        """The days (UTC minute ranges) the C scanner sorts a prepared chunk's lines into: a week around the
+        chunk's first well-formed line. None: count this chunk with the numpy path (no C scanner, or a zone
+        whose days do not start on a whole UTC minute)."""
+        if not native.AVAILABLE:
+            native.warn_unavailable()
+            return None
+        probe = _first_minute(data, self.max_line_bytes)
+        if probe is not None and self._fed:  # days behind the log's time are done: forget what they were fed
+            done = self._day(probe - 1440)  # (a late line for one is fed again, harmlessly: HLL is idempotent)
+            self._fed = {k: v for k, v in self._fed.items() if k[0] >= done}
+        window = self._window
+        if window is not None and (probe is None or window.holds(probe)):
+            return window
+        if probe is None:  # nothing well-formed at the start: the reference parser judges what the scan cannot
+            return native.DayWindow(np.zeros(0, dtype=np.int64), ())
+        if self._refused is not None and self._refused[0] <= probe < self._refused[1]:
+            return None
+        self._window = self._make_window(probe)
+        self._refused = None if self._window is not None else (probe - 1440, probe + 1440)
+        return self._window
+
+    def _make_window(self, utc_min: int) -> native.DayWindow | None:
+        center = datetime.fromtimestamp(utc_min * 60, self.zone).date()
+        days = [center + timedelta(days=k) for k in range(-3, 5)]
+        bounds = [-(-int(datetime(d.year, d.month, d.day, tzinfo=self.zone).timestamp()) // 60) for d in days]
+        # Every minute of the window, checked: a zone whose clocks go back across midnight (or whose day does
+        # not start on a whole minute) is refused, and such chunks are counted by the numpy path.
+        for k, day in enumerate(days[:-1]):
+            for m in range(bounds[k], bounds[k + 1]):
+                if datetime.fromtimestamp(m * 60, self.zone).date() != day:
+                    return None
+        return native.DayWindow(np.array(bounds, dtype=np.int64), tuple(d.isoformat() for d in days[:-1]))
+
+    def scan(self, data: bytes, window: native.DayWindow) -> native.Scanned:
+        """The C pass over a prepared chunk (thread-safe: reads only the counter's settings)."""
+        return native.scan(
+            data,
+            self.max_line_bytes,
+            salt=self.salt,
+            sample_log2=(self.sample_log2["resolution"], self.sample_log2["registration"]),
+            window=window,
+            replay_below=int(REPLAY_SLICE),
+        )
+
+    def absorb(self, data: bytes, sc: native.Scanned) -> None:
+        """Count what :meth:`scan` found in ``data``, then the lines it left to the reference parser."""
+        self.lines += sc.n_lines
+        counts = self._counts
+        names = sc.transports
+        for utc, off, op, resp, t, c in sc.buckets.tolist():
+            bk = (self._when(utc, off), op, resp, names[t])
+            counts[bk] = counts.get(bk, 0) + c
+        if len(sc.buckets):
+            self._shape_native(data, sc)
+        creates: list[tuple[int, datetime, str]] = []
+        pending: list[tuple[bytes, LogLine]] = []
+        for i, start, end in sc.slow.tolist():
+            self._count_slow(data[start:end], line_no=i, creates=creates, pending=pending)
+        if pending:
+            self._shape_slow(pending)
+        rows = sc.creates
+        if not creates:
+            if len(rows):
+                self._creates.extend_rows(
+                    rows[:, 1], rows[:, 2], as_u64(rows[:, 3]), sc.handles, rows[:, 5], rows[:, 6]
+                )
+            return
+        merged: list[tuple[int, int, int, bytes]] = [
+            (i, utc, off, sc.handles[s : s + n]) for i, utc, off, _, _, s, n in rows.tolist()
+        ]
+        merged.extend((i, *_minute_key(when), handle.encode("utf-8")) for i, when, handle in creates)
+        merged.sort(key=lambda c: c[0])  # file order across both paths
+        for _, utc, off, handle_b in merged:
+            self._creates.append(utc, off, handle_b)
+
+    def _fresh(self, day: str, kind: str, hashes: Any) -> Any:
+        seen = self._fed.get((day, kind))
+        if seen is None:
+            seen = self._fed[(day, kind)] = native.SeenSet()
+        return np.sort(seen.fresh(hashes))  # sorted, as np.unique gives them: the same sketch as the numpy path
+
+    def _feed_numpy(self, data: bytes) -> None:
         fl = parse_chunk(data, self.max_line_bytes)
         self.lines += fl.n_lines
         creates: list[tuple[int, datetime, str]] = []
@@ -335,7 +454,58 @@ class HandleLogCounter:
         if creates:
             if len(creates) > n_fast:  # file order across both paths
                 creates.sort(key=lambda c: c[0])
-            self._created.extend([(when, handle) for _, when, handle in creates])
+            self._add_creates(creates)
+
+    def _add_creates(self, creates: list[tuple[int, datetime, str]]) -> None:
+        if not creates:
+            return
+        keys = np.array([_minute_key(when) for _, when, _ in creates], dtype=np.int64).reshape(-1, 2)
+        handles = [handle.encode("utf-8") for _, _, handle in creates]
+        lengths = np.array([len(h) for h in handles], dtype=np.int64)
+        width = max(8, -(-int(lengths.max()) // 8) * 8)
+        if width <= 256:  # h64 of all at once, as rows of little-endian words
+            words = np.frombuffer(b"".join(h.ljust(width, b"\0") for h in handles), dtype="<u8").reshape(-1, width // 8)
+            hashes = vh64_words(words, lengths)
+        else:
+            hashes = np.array([h64(h) for h in handles], dtype=np.uint64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self._creates.extend_rows(keys[:, 0], keys[:, 1], hashes, b"".join(handles), starts, lengths)
+
+    def _shape_native(self, data: bytes, sc: native.Scanned) -> None:
+        present = np.flatnonzero(sc.day_lines).tolist()
+        for d in present:
+            day = sc.window.names[d]
+            shape = self.shapes.get(day)
+            if shape is None:
+                shape = self.shapes[day] = self._new_shape()
+
+            def pick(rows: Any, col: int = 0, d: int = d) -> Any:
+                return rows if len(present) == 1 else rows[rows[:, col] == d]
+
+            shape.add_new(as_u64(pick(sc.creates, 4)[:, 3]))
+            ids = as_u64(pick(sc.ids)[:, 1])
+            shape.add_resolved(ids)
+            shape.add_distinct_ids(self._fresh(day, "ids", ids))
+            clients = pick(sc.clients)
+            clients = clients[np.argsort(as_u64(clients[:, 1]))]  # by hash, as np.unique: the same top-k picks
+            uh, cnt = as_u64(clients[:, 1]), clients[:, 2]
+            shape.add_distinct_clients(self._fresh(day, "clients", uh))
+            ip_start, ip_len, net_len = clients[:, 3], clients[:, 4], clients[:, 5]
+            un, n_first, n_inv = np.unique(as_u64(clients[:, 6]), return_index=True, return_inverse=True)
+            n_cnt = np.bincount(n_inv.reshape(-1), weights=cnt).astype(np.int64)
+            total = int(sc.day_lines[d])
+            for summary, hashes, counts, starts, lens in (
+                (shape.top_clients, uh, cnt, ip_start, ip_len),
+                (shape.top_networks, un, n_cnt, ip_start[n_first], net_len[n_first]),
+            ):
+                if len(hashes) > 2 * TOP_KEEP:
+                    best = np.argpartition(-counts, 2 * TOP_KEEP)[: 2 * TOP_KEEP]
+                    hashes, counts, starts, lens = hashes[best], counts[best], starts[best], lens[best]
+                summary.add_many(hashes.tolist(), counts.tolist(), _name_at(data, starts.tolist(), lens.tolist()),
+                                 total=total)
+            shape.add_records(as_u64(pick(sc.records)[:, 1]))
+            for _, start, end, op in pick(sc.cands).tolist():  # both stages done in C
+                shape.add_sample("registration" if op == OP_CREATE else "resolution", data[start:end].decode("ascii"))
 
     def _count_fast(self, data: bytes, fl: FastLines, creates: list[tuple[int, datetime, str]]) -> None:
         counts = self._counts
@@ -431,6 +601,9 @@ class HandleLogCounter:
 
     def count_line(self, line: bytes) -> None:
         """Count one line (without its newline) through the reference parser."""
+        if self._api is not None:
+            self.feed(line + b"\n")
+            return
         self.lines += 1
         if self.fmt == FORMAT_HANDLE_PROXY:
             line = _REFERRER.sub(b"", line.removesuffix(b"\r"))
@@ -438,7 +611,7 @@ class HandleLogCounter:
         pending: list[tuple[bytes, LogLine]] = []
         self._count_slow(line, line_no=0, creates=creates, pending=pending)
         self._shape_slow(pending)
-        self._created.extend((when, handle) for _, when, handle in creates)
+        self._add_creates(creates)
 
     def count_malformed(self, reason: str, line: bytes) -> None:
         """Count one line that the caller found malformed (e.g. longer than it could hold)."""
@@ -449,7 +622,7 @@ class HandleLogCounter:
         """Add what ``other`` counted after what this counter counted (file order is kept for creates)."""
         for k, n in other._counts.items():
             self._counts[k] = self._counts.get(k, 0) + n
-        self._created.extend(other._created)
+        self._creates.extend(other._creates)
         self.lines += other.lines
         self.malformed += other.malformed
         self.malformed_reasons.update(other.malformed_reasons)
@@ -466,14 +639,14 @@ class HandleLogCounter:
 
     def created(self) -> list[tuple[datetime, str]]:
         """(minute, unescaped handle) of every successful create, in the order found."""
-        return list(self._created)
+        return [(self._when(utc, off), handle.decode("utf-8")) for utc, off, handle in self._creates.items()]
 
     def created_handles(self) -> list[str]:
-        return [handle for _, handle in self._created]
+        return [handle.decode("utf-8") for _, _, handle in self._creates.items()]
 
     def drop_created(self) -> None:
         """Forget the creates (after their first creates were taken), to free memory."""
-        self._created = []
+        self._creates = CreateLog()
 
     def _when(self, utc_min: int, off_min: int) -> datetime:
         key = (utc_min, off_min)
@@ -565,6 +738,24 @@ class HandleLogCounter:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _api_translator(fmt: str, zone: ZoneInfo, max_line_bytes: int) -> ApiLogTranslator | None:
+    if fmt != FORMAT_COMBINED and fmt != FORMAT_JSON and not fmt.startswith(FORMAT_JSON + ":"):
+        return None
+    from connectors.resolution.api_log import ApiLogTranslator  # it imports this module
+
+    return ApiLogTranslator(fmt, zone=zone, max_line_bytes=max_line_bytes)
+
+
+class LineSink(Protocol):
+    """Where a :class:`LineAssembler` hands complete lines: a counter, or the threaded counting pipeline."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def count_line(self, line: bytes) -> None: ...
+
+    def count_malformed(self, reason: str, line: bytes) -> None: ...
+
+
 class LineAssembler:
     """Cuts a byte stream into complete lines for a counter, holding the partial last line until its newline
     arrives. Memory is bounded: of a partial line longer than ``max_line_bytes`` only the start is kept, and the
@@ -590,7 +781,7 @@ class LineAssembler:
         """Where the next byte of the stream belongs."""
         return self.consumed + self.pending_len
 
-    def push(self, chunk: bytes, counter: HandleLogCounter) -> None:
+    def push(self, chunk: bytes, counter: LineSink) -> None:
         if not chunk:
             return
         last = chunk.rfind(b"\n")
@@ -620,7 +811,7 @@ class LineAssembler:
         self.pending_len = 0
         self._hold(chunk[last + 1 :])
 
-    def finish(self, counter: HandleLogCounter) -> None:
+    def finish(self, counter: LineSink) -> None:
         """End of stream: a partial last line is counted as a line of its own (it will not be completed)."""
         if not self.pending_len:
             return
@@ -633,7 +824,7 @@ class LineAssembler:
     def _too_long(self, length: int) -> str:
         return f"line is {length} bytes, longer than max_line_bytes {self.max_line_bytes}"
 
-    def drop_pending(self, counter: HandleLogCounter, reason: str) -> None:
+    def drop_pending(self, counter: LineSink, reason: str) -> None:
         """The rest of the partial line is lost (e.g. truncated away): count what there is as malformed."""
         if self.pending_len:
             counter.count_malformed(reason, self.pending)
@@ -707,7 +898,7 @@ def first_creates(created: Iterable[tuple[datetime, str]]) -> dict[str, datetime
     return first
 
 
-COUNT_CHUNK_BYTES = 4 << 20
+COUNT_CHUNK_BYTES = 2 << 20  # small enough that the chunks in flight stay a few MB
 MIN_RANGE_BYTES = 16 << 20  # smaller files are not worth another process
 
 
@@ -733,58 +924,83 @@ def count_files(
 
     ``creates_ok`` counts new registrations: handles whose earliest successful create in these files falls on
     that day. A day's ``lines`` are its well-formed lines; the top-level ``lines`` counts every line. A last line
-    without a newline is counted as a line of its own. Plain files are cut at line boundaries into byte ranges
-    counted by ``workers`` processes (default: one per CPU) and merged in file order; gzip files are read whole.
+    without a newline is counted as a line of its own. With the C scanner, each file is read in order by one
+    process whose ``workers`` threads (default: one per CPU) scan its chunks; without it (numpy fallback), plain
+    files are cut at line boundaries into byte ranges counted by ``workers`` processes and merged in file order,
+    gzip files read whole.
     """
     check_format(fmt)
     zone = load_zone(tz)
     n_workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    jobs: list[tuple[str, int, int | None]] = []
-    for path in paths:
-        jobs.extend(_ranges(Path(path), n_workers))
     params = (zone.key, max_line_bytes, read_chunk_bytes, salt, fmt)
     counter = _new_counter(params)
-    if n_workers > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(n_workers, len(jobs))) as pool:
-            for part in pool.imap(_count_job, [(job, params) for job in jobs]):  # in file order
-                counter.merge(part)
+    if native.AVAILABLE:  # one process: ``n_workers`` threads scan chunks in C without the GIL
+        for path in paths:
+            _count_threaded(Path(path), counter, n_workers, read_chunk_bytes)
     else:
-        for job in jobs:
-            counter.merge(_count_range(job, params))
-    first = first_creates(counter.created())
-    counter.drop_created()  # the first creates are all that is needed from here on
-    days = daily_totals(counter.buckets(), (), zone, first=first)
+        native.warn_unavailable()
+        jobs: list[tuple[str, int, int | None]] = []
+        for path in paths:
+            jobs.extend(_ranges(Path(path), n_workers))
+        if n_workers > 1 and len(jobs) > 1:
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            with ctx.Pool(min(n_workers, len(jobs))) as pool:
+                for part in pool.imap(_count_job, [(job, params) for job in jobs]):  # in file order
+                    counter.merge(part)
+        else:
+            for job in jobs:
+                counter.merge(_count_range(job, params))
+    new = _new_identifiers(counter)
+    counter.drop_created()  # the new identifiers' counts and roots are all that is needed from here on
+    buckets = counter.buckets()
+    days = daily_totals(buckets, (), zone, first={})
+    for day, (n_new, _) in new.items():
+        days.setdefault(day, dict.fromkeys(DAY_FIELDS, 0))["creates_ok"] += n_new
     return {
-        "days": days,
+        "days": dict(sorted(days.items())),
         "lines": counter.lines,
         "malformed": counter.malformed,
         "malformed_samples": list(counter.malformed_samples),
-        "shapes": day_shapes(counter, zone, first=first),
+        "shapes": day_shapes(counter, zone, new_identifiers=new, buckets=buckets),
     }
 
 
+def _new_identifiers(counter: HandleLogCounter) -> dict[str, tuple[int, bytes]]:
+    """Per calendar day: how many handles were first created on it, and the Merkle root over them."""
+    return counter._creates.new_by_day(counter._day)
+
+
 def day_shapes(
-    counter: HandleLogCounter, zone: ZoneInfo, *, first: dict[str, datetime] | None = None
+    counter: HandleLogCounter,
+    zone: ZoneInfo,
+    *,
+    first: dict[str, datetime] | None = None,
+    new_identifiers: Mapping[str, tuple[int, bytes]] | None = None,
+    buckets: Sequence[ResolutionBucket] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each day's shape summary, with the Merkle root over the day's new identifiers and the hourly profile."""
-    new_by_day: dict[str, list[str]] = {}
-    if first is None:
-        first = first_creates(counter.created())
-    for handle, when in first.items():
-        new_by_day.setdefault(when.astimezone(zone).date().isoformat(), []).append(handle)
+    """Each day's shape summary, with the Merkle root over the day's new identifiers and the hourly profile.
+    ``new_identifiers``: per day, how many and their root (else from ``first``, else from the counter's creates);
+    ``buckets``: ``counter.buckets()`` when already at hand."""
+    if new_identifiers is None:
+        by_text: dict[str, list[str]] = {}
+        if first is None:
+            first = first_creates(counter.created())
+        for handle, when in first.items():
+            by_text.setdefault(when.astimezone(zone).date().isoformat(), []).append(handle)
+        new_identifiers = {day: (len(hs), new_identifiers_root(hs)) for day, hs in by_text.items()}
     hourly: dict[str, list[int]] = {}
-    for b in counter.buckets():
+    for b in counter.buckets() if buckets is None else buckets:
         if b.op_code == OP_RESOLUTION and b.resp_code == RC_SUCCESS:
             local = b.minute.astimezone(zone)
             hourly.setdefault(local.date().isoformat(), [0] * 24)[local.hour] += b.count
     out: dict[str, dict[str, Any]] = {}
-    for day in sorted(set(counter.shapes) | set(new_by_day)):
+    for day in sorted(set(counter.shapes) | set(new_identifiers)):
         shape = counter.shapes.get(day) or DayShape()
         summary = shape.summary()
+        n_new, root = new_identifiers.get(day, (0, new_identifiers_root(())))
         summary["hourly_resolutions_ok"] = hourly.get(day, [0] * 24)
-        summary["new_identifiers_root"] = new_identifiers_root(new_by_day.get(day, [])).hex()
-        summary["new_identifiers"] = len(new_by_day.get(day, []))
+        summary["new_identifiers_root"] = root.hex()
+        summary["new_identifiers"] = n_new
         out[day] = summary
     return out
 
@@ -844,6 +1060,87 @@ def _count_range(job: tuple[str, int, int | None], params: _Params) -> HandleLog
     assembler.finish(counter)
     log.debug("counted %s [%d, %s): %d lines, %d malformed", path, start, end, counter.lines, counter.malformed)
     return counter
+
+
+def _count_threaded(path: Path, counter: HandleLogCounter, threads: int, chunk: int) -> None:
+    """Count a file (plain or gzip) into ``counter``: chunks are scanned by ``threads`` threads in C (the GIL
+    released) while this thread reads and counts what they found, in file order."""
+    assembler = LineAssembler(max_line_bytes=counter.max_line_bytes)
+    with _open_log(path) as fh, ThreadPoolExecutor(threads, thread_name_prefix="scan") as pool:
+        sink = _ScanPipeline(counter, pool, depth=threads)
+        while data := fh.read(chunk):
+            assembler.push(data, sink)
+        assembler.finish(sink)
+        sink.drain(0)
+    log.debug("counted %s: %d lines so far, %d malformed", path, counter.lines, counter.malformed)
+
+
+class _ScanPipeline:
+    """What a :class:`LineAssembler` hands on, queued in order: chunks go to the scanning threads at once and
+    are counted when their turn comes; at most ``depth`` wait."""
+
+    def __init__(self, counter: HandleLogCounter, pool: ThreadPoolExecutor, *, depth: int) -> None:
+        self.counter = counter
+        self.pool = pool
+        self.depth = depth
+        self.queue: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+
+    def feed(self, data: bytes) -> None:
+        counter = self.counter
+        data = counter.prepare(data)
+        if not data:
+            return
+        window = counter.window_for(data)
+        if window is None:
+            self.queue.append((counter._feed_numpy, (data,)))
+        else:
+            self.queue.append((self._absorb, (data, self.pool.submit(counter.scan, data, window))))
+        self.drain(self.depth)
+
+    def _absorb(self, data: bytes, scanned: Future[native.Scanned]) -> None:
+        self.counter.absorb(data, scanned.result())
+
+    def count_line(self, line: bytes) -> None:
+        self.queue.append((self.counter.count_line, (line,)))
+
+    def count_malformed(self, reason: str, line: bytes) -> None:
+        self.queue.append((self.counter.count_malformed, (reason, line)))
+
+    def drain(self, keep: int) -> None:
+        while len(self.queue) > keep:
+            fn, args = self.queue.popleft()
+            fn(*args)
+
+
+def _name_at(data: bytes, starts: list[int], lengths: list[int]) -> Callable[[int], str]:
+    """The i-th name of a summary's keys, decoded from ``data`` when asked."""
+
+    def name(i: int) -> str:
+        return data[starts[i] : starts[i] + lengths[i]].decode("utf-8", "backslashreplace")
+
+    return name
+
+
+def _first_minute(data: bytes, max_line_bytes: int) -> int | None:
+    """The UTC minute of the first well-formed line among the first few of ``data``."""
+    start = 0
+    for _ in range(8):
+        end = data.find(b"\n", start)
+        if end < 0:
+            return None
+        try:
+            parsed = parse_line(data[start:end], max_line_bytes=max_line_bytes)
+        except MalformedLineError:
+            start = end + 1
+            continue
+        return _minute_key(parsed.minute)[0]
+    return None
+
+
+def _minute_key(when: datetime) -> tuple[int, int]:
+    """(UTC minute since the epoch, UTC offset in minutes) of a minute's datetime."""
+    off = when.utcoffset()
+    return int(when.timestamp()) // 60, (int(off.total_seconds()) // 60 if off is not None else 0)
 
 
 def _open_log(path: Path) -> Any:

@@ -16,7 +16,7 @@ One :class:`DayShape` per calendar day (in the counter's zone) holds:
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +42,21 @@ class TopSummary:
     counts: dict[int, list[Any]] = field(default_factory=dict)
     total: int = 0
 
-    def add_many(self, hashes: list[int], counts: list[int], names: list[str], *, total: int | None = None) -> None:
-        for h, n, name in zip(hashes, counts, names, strict=True):
+    def add_many(
+        self,
+        hashes: list[int],
+        counts: list[int],
+        names: list[str] | Callable[[int], str],
+        *,
+        total: int | None = None,
+    ) -> None:
+        """Add counts by key hash; ``names``: the keys' names, or a function of the position giving them (called
+        only for keys not yet held)."""
+        name_of = names.__getitem__ if isinstance(names, list) else names
+        for i, (h, n) in enumerate(zip(hashes, counts, strict=True)):
             got = self.counts.get(h)
             if got is None:
-                self.counts[h] = [n, name]
+                self.counts[h] = [n, name_of(i)]
             else:
                 got[0] += n
         self.total += sum(counts) if total is None else total
@@ -69,6 +79,14 @@ class TopSummary:
 
     def top(self, k: int = TOP_REPORT) -> list[tuple[str, int]]:
         return [(v[1], int(v[0])) for _, v in sorted(self.counts.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:k]]
+
+
+def _sorted_member(known: Any, values: Any) -> Any:
+    """For each value: is it in the sorted array ``known``?"""
+    if len(known) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(known, values), len(known) - 1)
+    return known[at] == values
 
 
 def new_hll() -> hll_sketch:
@@ -112,8 +130,11 @@ class DayShape:
         picked = hashes[hashes < NEW_SLICE]
         if len(picked) and len(self.new_seen) < MAX_NEW_TRACKED:
             self.new_seen.update(picked.tolist())
-            if self._new_array is not None:
-                self._new_array = np.concatenate([self._new_array, picked])
+            known = self._new_array
+            if known is not None:  # kept sorted: membership is a binary search
+                fresh = np.unique(picked)
+                fresh = fresh[~_sorted_member(known, fresh)]
+                self._new_array = np.insert(known, np.searchsorted(known, fresh), fresh)
 
     def add_resolved(self, hashes: Any) -> None:
         """Identifiers successfully resolved (by hash): which followed new ones were resolved."""
@@ -122,11 +143,16 @@ class DayShape:
         cand = hashes[hashes < NEW_SLICE]
         known = self._new_array
         if known is None:
-            known = self._new_array = np.fromiter(self.new_seen, dtype=U64, count=len(self.new_seen))
-        self.new_resolved.update(np.unique(cand[np.isin(cand, known)]).tolist())
+            known = self._new_array = np.sort(np.fromiter(self.new_seen, dtype=U64, count=len(self.new_seen)))
+        self.new_resolved.update(cand[_sorted_member(known, cand)].tolist())
 
     def add_ids(self, hashes: Any) -> None:
         for h in to_signed(np.unique(hashes)):
+            self.ids.update(h)
+
+    def add_distinct_ids(self, hashes: Any) -> None:
+        """Identifiers (by hash) already distinct: the sketch is the same as from :meth:`add_ids`."""
+        for h in to_signed(hashes):
             self.ids.update(h)
 
     def add_clients(self, hashes: Any) -> None:

@@ -144,6 +144,9 @@ NODE_FLAG_TEXT = {  # issue 4: the node evidence's flags (verifier.node_evidence
     "samples_inconsistent": ("加盐抽样数量与计数不符的天数", "days whose salted sample count does not fit the count"),
     "samples_not_due": ("抽样记录并非按核验方下发的盐选中的天数（节点自选样本）",
                         "days with samples not due under the salt the verifier issued (samples chosen by the node)"),
+    "overwrites_as_creates": ("访问日志中的注册远多于注册库新增的天数（覆盖写入被记为注册）",
+                              "days whose access log shows far more creates than the registry's new identifiers "
+                              "(overwrites logged as creates)"),
 }
 
 
