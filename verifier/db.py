@@ -224,6 +224,39 @@ resolution_days = Table(
 )
 
 
+def _sqlite_value(column: Column[Any]) -> Any:
+    """How SQLAlchemy's type for ``column`` would hand a value to sqlite3 (None for: as it is)."""
+    if isinstance(column.type, UtcDateTime):
+        return lambda v: None if v is None else v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(column.type, Boolean):
+        return lambda v: None if v is None else int(v)
+    if isinstance(column.type, Date) and not isinstance(column.type, DateTime):
+        return lambda v: None if v is None else v.isoformat()
+    return None
+
+
+def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows of the same keys. On SQLite straight through the driver, with the values converted here as
+    the column types would convert them (aware datetimes as naive-UTC text, booleans as 0/1, dates as ISO text):
+    per-value type processing was a third of the batched ingest's write time. Elsewhere, the typed executemany."""
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(table.insert(), rows)
+        return
+    names = list(rows[0])
+    convert = [(i, f) for i, name in enumerate(names) if (f := _sqlite_value(table.c[name])) is not None]
+    values = []
+    for row in rows:
+        v = [row[name] for name in names]
+        for i, f in convert:
+            v[i] = f(v[i])
+        values.append(tuple(v))
+    quoted = ", ".join(f'"{table.c[name].name}"' for name in names)  # the table's own column names, checked above
+    sql = f'INSERT INTO "{table.name}" ({quoted}) VALUES ({", ".join("?" * len(names))})'  # noqa: S608
+    conn.exec_driver_sql(sql, values)
+
+
 def _sqlite_file(url: str) -> Path | None:
     prefix = "sqlite:///"
     if url.startswith(prefix) and url != prefix and ":memory:" not in url:

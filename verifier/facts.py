@@ -92,11 +92,10 @@ class ReportFacts:
     aliases: tuple[AliasFact, ...]
 
 
-def _device_days_of(report: ReportV1, first_seen: datetime, last_seen: datetime) -> list[date]:
+def _device_days_of(period_days: tuple[date, date], first_seen: datetime, last_seen: datetime) -> list[date]:
     """The day(s) a device entry counts for: the period's day, or, for a period that crosses midnight in
     Asia/Shanghai, the days of first_seen and last_seen."""
-    start_day = shanghai_day(report.period.start)
-    end_day = shanghai_day(report.period.end - timedelta(microseconds=1))
+    start_day, end_day = period_days
     if start_day == end_day:
         return [start_day]
     return sorted({shanghai_day(first_seen), shanghai_day(last_seen)})
@@ -106,11 +105,12 @@ def derive_facts(report: ReportV1, applicant_id: str) -> ReportFacts:
     """The facts one report contributes to its applicant (pure)."""
     days: dict[tuple[date, str], DeviceDayFact] = {}
     aliases: list[AliasFact] = []
+    period_days = (shanghai_day(report.period.start), shanghai_day(report.period.end - timedelta(microseconds=1)))
     for dev in report.devices:
         bits = 0
         for proto in dev.protocols:
             bits |= PROTOCOL_BITS[proto]
-        dev_days = _device_days_of(report, dev.first_seen, dev.last_seen)
+        dev_days = _device_days_of(period_days, dev.first_seen, dev.last_seen)
         for day in dev_days:
             days[(day, dev.fp)] = DeviceDayFact(applicant_id, day, dev.fp, dev.enterprise, bits,
                                                 STATUS_RANK[dev.status])

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -32,7 +32,7 @@ from verifier.core import (
     check_report,
     verify_report,
 )
-from verifier.db import agent_keys, agents, entries
+from verifier.db import agent_keys, agents, bulk_insert, entries
 from verifier.errors import ChainBroken, SeqConflict, VerifierError
 from verifier.facts import FactBatch, derive_facts, write_facts
 from verifier.ledger import (
@@ -422,7 +422,7 @@ class _BatchWriter:
             out.append(IngestResult(receipt=receipt, created=True))
             next_index += 1
         if entry_rows:
-            conn.execute(insert(entries), entry_rows)
+            bulk_insert(conn, entries, entry_rows)
             tree.write()
             facts.write(conn)
             self._advance(chains)

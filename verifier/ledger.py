@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from protocol import merkle
 from protocol.canonical import canonical_json
 from verifier.core import ReportHead, VerifiedReport
-from verifier.db import entries, equivocations, ledger_leaves, ledger_nodes, ledger_state
+from verifier.db import bulk_insert, entries, equivocations, ledger_leaves, ledger_nodes, ledger_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +208,8 @@ class Frontier:
     def write(self) -> None:
         if not self._leaves:
             return
-        self._conn.execute(insert(ledger_leaves), self._leaves)
-        if self._nodes:
-            self._conn.execute(insert(ledger_nodes), self._nodes)
+        bulk_insert(self._conn, ledger_leaves, self._leaves)
+        bulk_insert(self._conn, ledger_nodes, self._nodes)
         self._conn.execute(update(ledger_state).where(ledger_state.c.id == 1).values(size=self.size))
         self._leaves, self._nodes = [], []
 
