@@ -29,10 +29,10 @@ LG_K = 12
 TOP_KEEP = 256  # keys kept in the heavy-hitter summaries
 TOP_REPORT = 10
 REPLAY_SLICE = np.uint64(1 << 58)  # records with hash below this are tracked for replays (1/64)
-MAX_REPLAY_TRACKED = 250_000
+MAX_REPLAY_TRACKED = 100_000
 MAX_SAMPLES_PER_KIND = 200
 NEW_SLICE = np.uint64(1 << 62)  # new identifiers with hash below this are followed for same-day resolutions (1/4)
-MAX_NEW_TRACKED = 500_000
+MAX_NEW_TRACKED = 200_000
 
 
 @dataclass(slots=True)
