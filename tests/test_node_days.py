@@ -50,6 +50,9 @@ async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_pat
     assert verdict["beside"]["successful_resolutions"] == truth.resolutions_ok
     assert "flat_loop" in {f["code"] for f in day["flags"]}
     assert "samples_not_due" not in {f["code"] for f in day["flags"]}  # sampled under the salt it was issued
+    assert verdict["flags_beside"]["days_flagged"] == got["days_flagged"]  # beside the verdict, never in it
+    (beside,) = [d for d in verdict["flags_beside"]["flagged_days"] if d["day"] == DAY.isoformat()]
+    assert beside["agent_id"] == day["agent_id"] and "flat_loop" in beside["flags"]
     assert got["days_flagged"].get("flat_loop") == 1
     assert 0 < day["distinct_clients_estimate"] < 5000
 

@@ -354,7 +354,19 @@ def create_app(settings: VerifierSettings) -> FastAPI:
                           year: Annotated[int, Query(ge=2000, le=2100)]) -> dict[str, Any]:
         as_of = shanghai_day(settings.clock())
         verdict = await run_in_threadpool(lambda: applicant_verdict(engine, policy, applicant_id, year, as_of=as_of))
-        return verdict.to_json()
+        body = verdict.to_json()
+        if verdict.applicant["kind"] == "node":  # issue 4: the node evidence's flags beside the verdict
+            from verifier.node_days import node_days
+
+            days = await run_in_threadpool(lambda: node_days(engine, applicant_id, year))
+            body["flags_beside"] = {
+                "days_flagged": days["days_flagged"],
+                "flagged_days": [{"day": d["day"], "agent_id": d["agent_id"], "flags": [f["code"] for f in d["flags"]]}
+                                 for d in days["days"] if d["flags"]][:100],
+                "detail": f"/v1/applicants/{applicant_id}/resolution-days?year={year}",
+                "note": days["note"],
+            }
+        return body
 
     @app.get("/v1/applicants/{applicant_id}/resolution-days", dependencies=read_applicant)
     async def resolution_days_evidence(applicant_id: str,
