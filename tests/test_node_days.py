@@ -3,9 +3,12 @@ resolution connector → signed report → verifier → /v1/applicants/{id}/reso
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
+
+import pytest
 
 from agent.cli import main as agent_main
 from agent.config import load_config
@@ -18,7 +21,8 @@ SHANGHAI = ZoneInfo("Asia/Shanghai")
 DAY = date(2026, 11, 18)
 
 
-async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_path: Path) -> None:
+async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     node = ResolutionNode(tmp_path / "node", seed=23)
     start = datetime.combine(DAY, time(0), tzinfo=SHANGHAI)
     node.write_day(DAY, 3000)
@@ -45,12 +49,22 @@ async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_pat
         assert result.remaining == 0
         got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}, headers=v.admin).json()
         verdict = v.client.get("/v1/applicants/node-1/eligibility", params={"year": 2026}, headers=v.admin).json()
+        from verifier.cli import main as verifier_main
+
+        check = ["--db", v.db_url, "check", "--year", "2026", "--applicant", "node-1", "--rules", str(v.rules_path)]
+        capsys.readouterr()
+        assert verifier_main([*check, "--json"]) == 0
+        cli_json = json.loads(capsys.readouterr().out)
+        assert verifier_main([*check, "--lang", "en"]) == 0
+        cli_text = capsys.readouterr().out
     (day,) = [d for d in got["days"] if d["day"] == DAY.isoformat()]
     assert day["resolutions_ok"] == truth.resolutions_ok  # the loop is counted: flags never change a count
     assert verdict["beside"]["successful_resolutions"] == truth.resolutions_ok
     assert "flat_loop" in {f["code"] for f in day["flags"]}
     assert "samples_not_due" not in {f["code"] for f in day["flags"]}  # sampled under the salt it was issued
     assert verdict["flags_beside"]["days_flagged"] == got["days_flagged"]  # beside the verdict, never in it
+    assert cli_json["flags_beside"] == verdict["flags_beside"]  # tianping-verifier check shows the same
+    assert "Anomaly flags" in cli_text and "flat_loop=1" in cli_text
     (beside,) = [d for d in verdict["flags_beside"]["flagged_days"] if d["day"] == DAY.isoformat()]
     assert beside["agent_id"] == day["agent_id"] and "flat_loop" in beside["flags"]
     assert got["days_flagged"].get("flat_loop") == 1

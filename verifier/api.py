@@ -356,16 +356,9 @@ def create_app(settings: VerifierSettings) -> FastAPI:
         verdict = await run_in_threadpool(lambda: applicant_verdict(engine, policy, applicant_id, year, as_of=as_of))
         body = verdict.to_json()
         if verdict.applicant["kind"] == "node":  # issue 4: the node evidence's flags beside the verdict
-            from verifier.node_days import node_days
+            from verifier.node_days import flags_beside
 
-            days = await run_in_threadpool(lambda: node_days(engine, applicant_id, year))
-            body["flags_beside"] = {
-                "days_flagged": days["days_flagged"],
-                "flagged_days": [{"day": d["day"], "agent_id": d["agent_id"], "flags": [f["code"] for f in d["flags"]]}
-                                 for d in days["days"] if d["flags"]][:100],
-                "detail": f"/v1/applicants/{applicant_id}/resolution-days?year={year}",
-                "note": days["note"],
-            }
+            body["flags_beside"] = await run_in_threadpool(lambda: flags_beside(engine, applicant_id, year))
         return body
 
     @app.get("/v1/applicants/{applicant_id}/resolution-days", dependencies=read_applicant)

@@ -197,8 +197,14 @@ def _cmd_check(args: argparse.Namespace, db_url: str) -> int:
         with engine.connect() as conn:
             ids = [a.id for a in list_applicants(conn)]
     verdicts = [applicant_verdict(engine, policy, i, args.year, as_of=as_of) for i in ids]
+    from verifier.node_days import flags_beside  # a node's evidence flags, beside its verdict (as the API)
+
+    flags = {v.applicant["id"]: flags_beside(engine, v.applicant["id"], args.year) for v in verdicts
+             if v.applicant["kind"] == "node"}
     if args.json:
-        out: Any = verdicts[0].to_json() if args.applicant else [v.to_json() for v in verdicts]
+        bodies = [{**v.to_json(), **({"flags_beside": flags[v.applicant["id"]]} if v.applicant["id"] in flags
+                                     else {})} for v in verdicts]
+        out: Any = bodies[0] if args.applicant else bodies
         sys.stdout.write(json.dumps(out, ensure_ascii=False, indent=2) + "\n")
         return 0
     console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and files get whole lines
@@ -206,6 +212,10 @@ def _cmd_check(args: argparse.Namespace, db_url: str) -> int:
         console.print(t("no_applicants", cast(Lang, args.lang)))
     for verdict in verdicts:
         render_verdict(verdict, cast(Lang, args.lang), console)
+        if verdict.applicant["id"] in flags:
+            flagged = flags[verdict.applicant["id"]]["days_flagged"]
+            listed = ", ".join(f"{code}={n}" for code, n in flagged.items()) or t("no_flags", cast(Lang, args.lang))
+            console.print(f"{t('flags_beside', cast(Lang, args.lang))}: {listed}", soft_wrap=True)
     return 0
 
 

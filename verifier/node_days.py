@@ -125,3 +125,15 @@ def _store(engine: Engine, applicant_id: str, rows: dict[tuple[str, date], tuple
                   "body": stmt.excluded.body})
         for i in range(0, len(values), 1000):
             conn.execute(stmt, values[i:i + 1000])
+
+
+def flags_beside(engine: Engine, applicant_id: str, year: int) -> dict[str, Any]:
+    """What a node's verdict shows beside it (never in it): how many agent-days raised each flag, and which."""
+    days = node_days(engine, applicant_id, year)
+    return {
+        "days_flagged": days["days_flagged"],
+        "flagged_days": [{"day": d["day"], "agent_id": d["agent_id"], "flags": [f["code"] for f in d["flags"]]}
+                         for d in days["days"] if d["flags"]][:100],
+        "detail": f"/v1/applicants/{applicant_id}/resolution-days?year={year}",
+        "note": days["note"],
+    }
