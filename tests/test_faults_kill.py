@@ -204,6 +204,7 @@ spec = json.loads(sys.argv[1])
 async def main():
     agents = [OutboxAgent(read_private_key(Path(p)), aid, Outbox(Path(b))) for aid, p, b in spec["agents"]]
     deliverers = [Deliverer(spec["url"], timeout_s=2.0, max_backoff_s=0.2) for _ in agents]
+    print("ready", flush=True)
     while True:
         for a, d in zip(agents, deliverers):
             a.produce()
@@ -223,9 +224,12 @@ async def test_agents_killed_20_times_mid_send_leave_every_report_once(tmp_path:
         await asyncio.to_thread(wait_up, url, server)
         for _ in range(20):
             worker = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", AGENT_WORKER, json.dumps(spec), cwd=ROOT, stdout=subprocess.DEVNULL,
+                sys.executable, "-c", AGENT_WORKER, json.dumps(spec), cwd=ROOT, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL)
-            await asyncio.sleep(0.8 + rng.random() * 0.6)  # long enough to import, produce and be mid-send
+            assert worker.stdout is not None
+            # once its imports are done (seconds on a busy machine), long enough to produce and be mid-send
+            assert await asyncio.wait_for(worker.stdout.readline(), timeout=60) == b"ready\n"
+            await asyncio.sleep(0.3 + rng.random() * 0.6)
             worker.kill()
             await worker.wait()
         outboxes = {aid: Outbox(Path(b)) for aid, _, b in spec["agents"]}
