@@ -214,7 +214,7 @@ def _cmd_check(args: argparse.Namespace, db_url: str) -> int:
         render_verdict(verdict, cast(Lang, args.lang), console)
         if verdict.applicant["id"] in flags:
             flagged = flags[verdict.applicant["id"]]["days_flagged"]
-            listed = ", ".join(f"{code}={n}" for code, n in flagged.items()) or t("no_flags", cast(Lang, args.lang))
+            listed = ", ".join(f"{code}={n}" for code, n in flagged.items()) or "—"
             console.print(f"{t('flags_beside', cast(Lang, args.lang))}: {listed}", soft_wrap=True)
     return 0
 

@@ -27,7 +27,6 @@ STRINGS: dict[str, tuple[str, str]] = {
     "beside": ("参考数据", "Figures beside the verdict"),
     "flags_beside": ("异常提示（按天计，仅供参考，不改变计数）",
                      "Anomaly flags (agent-days; they inform, never change a count)"),
-    "no_flags": ("无", "none"),
     "no_applicants": ("尚无申报主体", "No applicants registered"),
 }
 
