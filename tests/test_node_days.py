@@ -11,14 +11,37 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from agent.cli import main as agent_main
-from agent.config import load_config
+from agent.config import AgentConfig, load_config
 from agent.enroll import enroll
+from agent.outbox import OutboxItem
 from agent.runtime import Agent
 from simulator.resolution_node import ResolutionNode
-from tests.test_verifier_api import running_verifier
+from tests.test_verifier_api import Harness, running_verifier
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 DAY = date(2026, 11, 18)
+
+
+def enrolled_node_agent(v: Harness, tmp_path: Path, connector_toml: str) -> AgentConfig:
+    """An agent initialised with ``tianping-agent init``, given ``connector_toml`` and enrolled for node-1."""
+    token = v.client.post("/v1/admin/tokens", json={"applicant_id": "node-1"}, headers=v.admin).json()["token"]
+    cfg = tmp_path / "agent" / "agent.toml"
+    assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
+    cfg.write_text(cfg.read_text(encoding="utf-8") + connector_toml, encoding="utf-8")
+    config = load_config(cfg)
+    enroll(key_path=config.key_path, enrollment_path=config.enrollment_path, verifier_url=v.base_url,
+           token=token, agent_name="node-agent")
+    return config
+
+
+async def report_one_day(config: AgentConfig, start: datetime) -> OutboxItem | None:
+    """One round over the day from ``start``, its report signed and delivered; the report's outbox item."""
+    async with Agent(config) as agent:
+        agent.period_start = start
+        await agent.collect_round(now=start + timedelta(hours=23))
+        item = agent.close_period(end=start + timedelta(days=1))
+        assert (await agent.deliver()).remaining == 0
+    return item
 
 
 async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_path: Path,
@@ -30,23 +53,9 @@ async def test_a_flat_scripted_loop_is_flagged_beside_an_unchanged_count(tmp_pat
     truth = node.ground_truth().days[DAY.isoformat()]
     with running_verifier(tmp_path / "verifier") as v:
         v.clock.now = start + timedelta(days=2)
-        token = v.client.post("/v1/admin/tokens", json={"applicant_id": "node-1"}, headers=v.admin).json()["token"]
-        cfg = tmp_path / "agent" / "agent.toml"
-        assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
-        cfg.write_text(
-            cfg.read_text(encoding="utf-8")
-            + f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n',
-            encoding="utf-8",
-        )
-        config = load_config(cfg)
-        enroll(key_path=config.key_path, enrollment_path=config.enrollment_path, verifier_url=v.base_url,
-               token=token, agent_name="node-agent")
-        async with Agent(config) as agent:
-            agent.period_start = start
-            await agent.collect_round(now=start + timedelta(hours=23))
-            agent.close_period(end=start + timedelta(days=1))
-            result = await agent.deliver()
-        assert result.remaining == 0
+        config = enrolled_node_agent(v, tmp_path, f'\n[[connectors.resolution]]\npath = "{node.path}"\n'
+                                                  f'checkpoint_path = "{tmp_path / "ckpt.json"}"\n')
+        await report_one_day(config, start)
         got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}, headers=v.admin).json()
         verdict = v.client.get("/v1/applicants/node-1/eligibility", params={"year": 2026}, headers=v.admin).json()
         from verifier.cli import main as verifier_main
@@ -85,27 +94,14 @@ async def test_a_node_that_samples_under_a_salt_of_its_own_is_flagged(tmp_path: 
     truth = node.ground_truth().days[DAY.isoformat()]
     with running_verifier(tmp_path / "verifier") as v:
         v.clock.now = start + timedelta(days=2)
-        token = v.client.post("/v1/admin/tokens", json={"applicant_id": "node-1"}, headers=v.admin).json()["token"]
-        cfg = tmp_path / "agent" / "agent.toml"
-        assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
-        cfg.write_text(
-            cfg.read_text(encoding="utf-8")
-            + f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n'
-            + "resolution_sample_log2 = 8\n",  # ~80 samples of the day's ~20,000 lines: never none
-            encoding="utf-8",
-        )
-        config = load_config(cfg)
-        enroll(key_path=config.key_path, enrollment_path=config.enrollment_path, verifier_url=v.base_url,
-               token=token, agent_name="node-agent")
+        config = enrolled_node_agent(v, tmp_path, f'\n[[connectors.resolution]]\npath = "{node.path}"\n'
+                                                  f'checkpoint_path = "{tmp_path / "ckpt.json"}"\n'
+                                                  "resolution_sample_log2 = 8\n")  # ~80 samples: never none
         record = json.loads(config.enrollment_path.read_text(encoding="utf-8"))
         issued = base64.b64decode(record["resolution_salt"])
         record["resolution_salt"] = base64.b64encode(os.urandom(32)).decode()
         config.enrollment_path.write_text(json.dumps(record), encoding="utf-8")
-        async with Agent(config) as agent:
-            agent.period_start = start
-            await agent.collect_round(now=start + timedelta(hours=23))
-            agent.close_period(end=start + timedelta(days=1))
-            assert (await agent.deliver()).remaining == 0
+        await report_one_day(config, start)
         got = v.client.get("/v1/applicants/node-1/resolution-days", params={"year": 2026}, headers=v.admin).json()
         # the days are kept in node_day_cache and reused while their entries stay the same ...
         from sqlalchemy import update

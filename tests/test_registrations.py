@@ -18,10 +18,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import create_engine, text
 
-from agent.cli import main as agent_main
-from agent.config import load_config
-from agent.enroll import enroll
-from agent.runtime import Agent
 from connectors.base import ConfigError
 from connectors.resolution.connector import ResolutionBatchWithRegistrations, ResolutionLogConnector
 from connectors.resolution.registrations import RegistrationCheckpointError, registry_sampled
@@ -30,6 +26,7 @@ from protocol.report import Period, RegistrationDay, ReportV1, ResolutionSummary
 from simulator.mosquitto import free_port
 from simulator.resolution_node import ResolutionNode
 from tests.test_ledger import fresh_database, pg_server  # noqa: F401 (the session fixture)
+from tests.test_node_days import enrolled_node_agent, report_one_day
 from tests.test_verifier_api import running_verifier
 from verifier.facts import derive_facts
 from verifier.node_evidence import DayEvidence, anomaly_flags, registry_sample_selected
@@ -481,25 +478,13 @@ async def test_whole_path_registry_counts_and_the_log_is_shown_beside(tmp_path: 
     day_truth = truth.days[DAY.isoformat()]
     with running_verifier(tmp_path / "verifier") as v:
         v.clock.now = START + timedelta(days=2)
-        token = v.client.post("/v1/admin/tokens", json={"applicant_id": "node-1"}, headers=v.admin).json()["token"]
-        cfg = tmp_path / "agent" / "agent.toml"
-        assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
-        cfg.write_text(
-            cfg.read_text(encoding="utf-8")
-            + f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n'
+        config = enrolled_node_agent(
+            v, tmp_path,
+            f'\n[[connectors.resolution]]\npath = "{node.path}"\ncheckpoint_path = "{tmp_path / "ckpt.json"}"\n'
             + "[connectors.resolution.registrations]\nkind = \"sql\"\n"
             + f'url = "sqlite:///file:{db}?mode=ro&uri=true"\nquery = "{SQLITE_QUERY}"\n'
-            + f'start_at = {START.isoformat()}\ncheckpoint_path = "{tmp_path / "reg.json"}"\n',
-            encoding="utf-8",
-        )
-        config = load_config(cfg)
-        enroll(key_path=config.key_path, enrollment_path=config.enrollment_path, verifier_url=v.base_url,
-               token=token, agent_name="node-agent")
-        async with Agent(config) as agent:
-            agent.period_start = START
-            await agent.collect_round(now=START + timedelta(hours=23))
-            item = agent.close_period(end=START + timedelta(days=1))
-            assert (await agent.deliver()).remaining == 0
+            + f'start_at = {START.isoformat()}\ncheckpoint_path = "{tmp_path / "reg.json"}"\n')
+        item = await report_one_day(config, START)
         assert item is not None
         report = parse_report(base64.b64decode(json.loads(item.envelope)["payload"]))
         assert report.resolution is not None and report.resolution.registrations_source == "sql"
@@ -535,25 +520,13 @@ async def test_whole_path_an_unreachable_registry_is_shown_as_a_gap(tmp_path: Pa
     db = tmp_path / "missing" / "registry.sqlite"
     with running_verifier(tmp_path / "verifier") as v:
         v.clock.now = START + timedelta(days=2)
-        token = v.client.post("/v1/admin/tokens", json={"applicant_id": "node-1"}, headers=v.admin).json()["token"]
-        cfg = tmp_path / "agent" / "agent.toml"
-        assert agent_main(["init", "--config", str(cfg), "--verifier", v.base_url]) == 0
-        cfg.write_text(
-            cfg.read_text(encoding="utf-8")
-            + f'\n[[connectors.resolution]]\npath = "{node.path}"\n'
+        config = enrolled_node_agent(
+            v, tmp_path,
+            f'\n[[connectors.resolution]]\npath = "{node.path}"\n'
             + "[connectors.resolution.registrations]\nkind = \"sql\"\n"
             + f'url = "sqlite:///file:{db}?mode=ro&uri=true"\nquery = "{SQLITE_QUERY}"\n'
-            + f"start_at = {START.isoformat()}\n",
-            encoding="utf-8",
-        )
-        config = load_config(cfg)
-        enroll(key_path=config.key_path, enrollment_path=config.enrollment_path, verifier_url=v.base_url,
-               token=token, agent_name="node-agent")
-        async with Agent(config) as agent:
-            agent.period_start = START
-            await agent.collect_round(now=START + timedelta(hours=23))
-            item = agent.close_period(end=START + timedelta(days=1))
-            assert (await agent.deliver()).remaining == 0
+            + f"start_at = {START.isoformat()}\n")
+        item = await report_one_day(config, START)
         assert item is not None
         report = parse_report(base64.b64decode(json.loads(item.envelope)["payload"]))
         assert report.resolution is not None and report.resolution.registration_gaps

@@ -640,6 +640,23 @@ def test_count_files_over_byte_ranges_equals_one_pass(tmp_path: Path) -> None:
     )  # a union of sketches estimates within the sketch's error of the single sketch
 
 
+def reference(lines: list[bytes]) -> tuple[Counter[tuple[datetime, int, int, str]], list[str], int]:
+    """What the reference parser makes of ``lines``: buckets, successful creates in order, malformed lines."""
+    expected: Counter[tuple[datetime, int, int, str]] = Counter()
+    created: list[str] = []
+    malformed = 0
+    for text in lines:
+        try:
+            line = parse_line(text)
+        except MalformedLineError:
+            malformed += 1
+            continue
+        expected[(line.minute, line.op_code, line.resp_code, line.transport)] += 1
+        if (line.op_code, line.resp_code) == (100, 1):
+            created.append(line.handle)
+    return expected, created, malformed
+
+
 def test_fast_path_agrees_with_the_reference_on_mutated_lines() -> None:
     """Lines one byte away from well-formed (in every field) are judged exactly as parse_line judges them."""
     import random
@@ -660,18 +677,7 @@ def test_fast_path_agrees_with_the_reference_on_mutated_lines() -> None:
             else:
                 raw.insert(i, rng.choice(alphabet))
         lines.append(bytes(raw).replace(b"\n", b""))
-    expected: Counter[tuple[datetime, int, int, str]] = Counter()
-    created: list[str] = []
-    malformed = 0
-    for text in lines:
-        try:
-            line = parse_line(text)
-        except MalformedLineError:
-            malformed += 1
-            continue
-        expected[(line.minute, line.op_code, line.resp_code, line.transport)] += 1
-        if (line.op_code, line.resp_code) == (100, 1):
-            created.append(line.handle)
+    expected, created, malformed = reference(lines)
     counter = HandleLogCounter()
     counter.feed(b"".join(text + b"\n" for text in lines))
     assert {(b.minute, b.op_code, b.resp_code, b.transport): b.count for b in counter.buckets()} == expected

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ import pytest
 
 from connectors.resolution import native
 from connectors.resolution.creates import CreateLog, merkle_root_sorted
-from connectors.resolution.handle_log import HandleLogCounter, MalformedLineError, count_files, parse_line
+from connectors.resolution.handle_log import HandleLogCounter, count_files, parse_line
 from protocol.merkle import identifiers_root
 from protocol.sampling import h64
 from simulator.resolution_node import SHANGHAI, ResolutionNode
+from tests.test_resolution import reference
 
 # Where the project's set-up runs (CI), the scanner must have been built: a silent fallback to numpy would pass every
 # test and lose the speed. Elsewhere (a machine without a compiler) these tests are skipped and say why.
@@ -35,22 +35,6 @@ def test_the_c_scanner_is_built() -> None:
 SALT = b"salt issued by the verifier"
 START = datetime(2026, 11, 26, 9, 0, tzinfo=SHANGHAI)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def reference(lines: list[bytes]) -> tuple[Counter[tuple[datetime, int, int, str]], list[str], int]:
-    expected: Counter[tuple[datetime, int, int, str]] = Counter()
-    created: list[str] = []
-    malformed = 0
-    for text in lines:
-        try:
-            line = parse_line(text)
-        except MalformedLineError:
-            malformed += 1
-            continue
-        expected[(line.minute, line.op_code, line.resp_code, line.transport)] += 1
-        if (line.op_code, line.resp_code) == (100, 1):
-            created.append(line.handle)
-    return expected, created, malformed
 
 
 def counted(lines: list[bytes]) -> HandleLogCounter:

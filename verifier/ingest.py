@@ -75,19 +75,17 @@ class StoredKeys(Mapping[str, TrustedKey]):
         return cached
 
     def _prefetch(self, kids: list[str]) -> None:
-        """Read the keys a batch names in one query (what it misses, a lookup finds or refuses later)."""
+        """Read the keys in one query (what it misses, a lookup finds or refuses later); a key rotated away whose
+        overlap is over is left out: as unknown as a key never enrolled."""
         rows = self._conn.execute(
             select(agent_keys.c.key_id, agent_keys.c.public_key, agent_keys.c.valid_until, agents.c.agent_id,
                    agents.c.applicant_id, agents.c.revoked_at)
             .select_from(agent_keys.join(agents, agents.c.agent_id == agent_keys.c.agent_id))
             .where(agent_keys.c.key_id.in_(kids)))
         for row in rows:
-            if self._expired(row.valid_until) and row.revoked_at is None:
-                continue  # rotated away: the lookup refuses it
-            self._cache[row.key_id] = self._trusted(row.key_id, row)
-
-    def _expired(self, valid_until: datetime | None) -> bool:
-        return valid_until is not None and self._now is not None and valid_until <= self._now
+            expired = row.valid_until is not None and self._now is not None and row.valid_until <= self._now
+            if not expired or row.revoked_at is not None:
+                self._cache[row.key_id] = self._trusted(row.key_id, row)
 
     @staticmethod
     def _trusted(kid: str, row: Any) -> TrustedKey:
@@ -95,17 +93,11 @@ class StoredKeys(Mapping[str, TrustedKey]):
                           agent_id=row.agent_id, applicant_id=row.applicant_id, revoked=row.revoked_at is not None)
 
     def _lookup(self, kid: str) -> TrustedKey:
-        key_row = self._conn.execute(select(agent_keys.c.agent_id, agent_keys.c.public_key, agent_keys.c.valid_until)
-                                     .where(agent_keys.c.key_id == kid)).first()
-        if key_row is not None:
-            owner = self._conn.execute(select(agents.c.agent_id, agents.c.applicant_id, agents.c.revoked_at)
-                                       .where(agents.c.agent_id == key_row.agent_id)).first()
-            assert owner is not None  # foreign key
-            if self._expired(key_row.valid_until) and owner.revoked_at is None:
-                raise KeyError(kid)  # rotated away, overlap over: as unknown as a key never enrolled
-            return TrustedKey(key_id=kid, public_key=Ed25519PublicKey.from_public_bytes(bytes(key_row.public_key)),
-                              agent_id=owner.agent_id, applicant_id=owner.applicant_id,
-                              revoked=owner.revoked_at is not None)
+        self._prefetch([kid])
+        found = self._cache.get(kid)
+        if found is not None:
+            return found
+        # agents enrolled before keys were tracked (a current key is never past its overlap)
         row = self._conn.execute(select(agents.c.agent_id, agents.c.applicant_id, agents.c.public_key,
                                         agents.c.revoked_at).where(agents.c.key_id == kid)).first()
         if row is None:
