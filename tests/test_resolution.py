@@ -182,18 +182,7 @@ def test_fast_counter_equals_reference_parser_line_by_line(tmp_path: Path) -> No
     node = ResolutionNode(tmp_path, seed=11, malformed_every=37, create_ratio=0.2, delete_ratio=0.05)
     node.write_lines(4000, start=START, spacing_s=7.3)
     data = (tmp_path / "access.log").read_bytes()
-    expected: Counter[tuple[datetime, int, int, str]] = Counter()
-    created: list[str] = []
-    malformed = 0
-    for raw in data.split(b"\n")[:-1]:
-        try:
-            line = parse_line(raw)
-        except MalformedLineError:
-            malformed += 1
-            continue
-        expected[(line.minute, line.op_code, line.resp_code, line.transport)] += 1
-        if (line.op_code, line.resp_code) == (100, 1):
-            created.append(line.handle)
+    expected, created, malformed = reference(data.split(b"\n")[:-1])
     counter = HandleLogCounter()
     counter.feed(data)
     assert {(b.minute, b.op_code, b.resp_code, b.transport): b.count for b in counter.buckets()} == expected
